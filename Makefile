@@ -1,0 +1,34 @@
+# Two commands from a fresh clone: `make train` and `make test` (each creates .venv if needed).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+QUICK ?= 0
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup train test bench lint clean-venv
+
+setup: $(STAMP)
+
+# Re-runs only when the pinned set or the project metadata changed.
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+train: setup
+	$(PY) -m vita_jax.train --config=configs/stage2.py:tiny --workdir=runs/demo
+
+test: setup
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15
+
+bench: setup
+	$(PY) -m benchmarks.run $(if $(filter 1,$(QUICK)),--quick,)
+
+lint: setup
+	$(VENV)/bin/ruff check vita_jax vita_torch configs tests parity_tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

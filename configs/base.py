@@ -1,0 +1,229 @@
+"""Model sizes, special tokens and mesh defaults shared by `vita_jax` and `vita_torch`.
+
+Sizes live here once; the stage files (`configs/stage1.py` ... `stage4.py`) combine one of them
+with a stage's training recipe through `stage_config`. Both frameworks read the same
+`ConfigDict`, so a checkpoint written by one loads in the other.
+
+    from configs import base
+    model = base.model_config("tiny")       # or "small", "14b"
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SIZES = ("tiny", "small", "14b")
+
+# DESIGN §2: added special tokens, in the order the release adds them to the tokenizer.
+VISUAL_SPECIAL_TOKENS = (
+    "<img>", "</img>", "<IMG_CONTEXT>",
+    "<vid>", "</vid>", "<VID_CONTEXT>",
+    "<patch>", "</patch>", "<PATCH_CONTEXT>",
+    "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+    "<image>", "<video>",
+)
+CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Tokens whose embeddings are replaced by visual features, in this order of preference.
+CONTEXT_TOKENS = ("<IMG_CONTEXT>", "<PATCH_CONTEXT>", "<VID_CONTEXT>")
+
+# Qwen2.5: 151643 byte-level BPE ids, then 22 added specials (151643..151664); the visual
+# tokens follow in VISUAL_SPECIAL_TOKENS order (DESIGN §5).
+_QWEN_FIRST_VISUAL_ID = 151665
+# The demo tokenizer (vita_jax.data.demo) puts ChatML tokens first, then the visual tokens.
+_DEMO_FIRST_VISUAL_ID = len(CHATML_TOKENS)
+
+
+def special_token_ids(first_visual_id: int, eos_id: int, pad_id: int) -> ml_collections.ConfigDict:
+  ids = {tok: first_visual_id + i for i, tok in enumerate(VISUAL_SPECIAL_TOKENS)}
+  return ml_collections.ConfigDict(dict(
+      eos_id=eos_id,
+      pad_id=pad_id,
+      img_start_id=ids["<img>"], img_end_id=ids["</img>"], img_context_id=ids["<IMG_CONTEXT>"],
+      vid_start_id=ids["<vid>"], vid_end_id=ids["</vid>"], vid_context_id=ids["<VID_CONTEXT>"],
+      patch_start_id=ids["<patch>"], patch_end_id=ids["</patch>"],
+      patch_context_id=ids["<PATCH_CONTEXT>"],
+  ))
+
+
+def _vision(image_size, patch_size, hidden, layers, heads, mlp):
+  return ml_collections.ConfigDict(dict(
+      image_size=image_size,          # tile side in pixels
+      patch_size=patch_size,
+      hidden_size=hidden,
+      num_layers=layers,
+      num_heads=heads,
+      mlp_dim=mlp,
+      layer_norm_eps=1e-6,
+      qkv_bias=True,
+      layer_scale_init=0.1,           # InternViT ls1/ls2 init value
+  ))
+
+
+def _llm(vocab, hidden, layers, heads, kv_heads, ffn, *, head_dim=None, tie=False):
+  return ml_collections.ConfigDict(dict(
+      vocab_size=vocab,
+      hidden_size=hidden,
+      num_layers=layers,
+      num_heads=heads,
+      num_kv_heads=kv_heads,
+      head_dim=head_dim or hidden // heads,
+      ffn_dim=ffn,
+      rms_norm_eps=1e-6,
+      rope_theta=1e6,
+      qkv_bias=True,
+      tie_embeddings=tie,
+  ))
+
+
+def model_config(size: str = "14b") -> ml_collections.ConfigDict:
+  """The architecture of one size. `14b` is the release (DESIGN §2) exactly."""
+  if size == "tiny":
+    # CPU demo: ~3M parameters; 56 px tiles -> 4x4 patches -> 2x2 = 4 tokens per tile.
+    vision = _vision(56, 14, hidden=64, layers=2, heads=4, mlp=256)
+    llm = _llm(vocab=2048, hidden=128, layers=4, heads=4, kv_heads=2, ffn=352)
+    projector_hidden = 128
+    tokens = special_token_ids(_DEMO_FIRST_VISUAL_ID, eos_id=2, pad_id=0)
+    max_tiles = 4
+  elif size == "small":
+    # Benchmarks: the 55M-parameter text shape of the issue tracker plus a small ViT.
+    vision = _vision(224, 14, hidden=256, layers=4, heads=4, mlp=1024)
+    llm = _llm(vocab=32000, hidden=512, layers=8, heads=8, kv_heads=2, ffn=1408)
+    projector_hidden = 512
+    tokens = special_token_ids(_DEMO_FIRST_VISUAL_ID, eos_id=2, pad_id=0)
+    max_tiles = 6
+  elif size == "14b":
+    vision = _vision(448, 14, hidden=1024, layers=24, heads=16, mlp=4096)
+    llm = _llm(vocab=152064, hidden=5120, layers=48, heads=40, kv_heads=8, ffn=13824)
+    projector_hidden = 1024
+    tokens = special_token_ids(_QWEN_FIRST_VISUAL_ID, eos_id=151645, pad_id=151643)
+    max_tiles = 12
+  else:
+    raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+
+  return ml_collections.ConfigDict(dict(
+      size=size,
+      vision=vision,
+      llm=llm,
+      downsample_ratio=0.5,           # pixel shuffle: (h/p)^2 patches -> (h/p * r)^2 tokens
+      projector=dict(
+          hidden_size=projector_hidden,
+          bias=False,                 # long_vita: no bias; internvl layout: True
+          pre_norm=True,
+          layer_norm_eps=1e-5,
+      ),
+      tokens=tokens,
+      max_tiles=max_tiles,
+      # Dtypes: fp32 master params, bf16 compute for training; parity runs set float32.
+      param_dtype="float32",
+      compute_dtype="bfloat16",
+      remat="full",                   # none | full | dots  (per decoder layer)
+      scan_layers=True,
+      attention=dict(
+          q_chunk=1024,               # inner query/key block sizes of the attention kernel
+          kv_chunk=1024,
+          impl="jnp",                 # jnp | cudnn | pallas (where available)
+      ),
+  ))
+
+
+def tokens_per_tile(model: ml_collections.ConfigDict) -> int:
+  side = model.vision.image_size // model.vision.patch_size
+  return int(side * model.downsample_ratio) ** 2
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """Mesh axis sizes; -1 fills the devices the other axes leave (at most one axis)."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1, tensor=1))
+
+
+def parse_size(arg: str | None) -> str:
+  size = arg or "14b"
+  if size not in SIZES:
+    raise ValueError(
+        f"unknown size {size!r} after ':' in --config; use one of {', '.join(SIZES)} "
+        f"(e.g. --config=configs/stage2.py:tiny)")
+  return size
+
+
+# Per-size overrides of the stage recipes: sequence length, batch and frames that fit the
+# machine the size is meant for. The 14b numbers are the release's (DESIGN §3).
+_SIZE_SCALE = {
+    "tiny": dict(seq_len_cap=1024, batch_size=4, max_frames_cap=8, steps=300),
+    "small": dict(seq_len_cap=4096, batch_size=4, max_frames_cap=32, steps=1000),
+    "14b": dict(seq_len_cap=None, batch_size=None, max_frames_cap=None, steps=None),
+}
+
+
+def stage_config(*, stage: int, size: str, seq_len: int, trainable: tuple[str, ...],
+                 peak_lr: float, min_lr: float, max_frames: int, reset_positions: bool,
+                 global_batch: int, steps: int, init_from: str | None,
+                 vision_lr_mult: float = 1.0, layer_decay: float = 1.0,
+                 mixture: dict[str, float] | None = None) -> ml_collections.ConfigDict:
+  """One stage's complete config: model size + recipe + data + mesh + run settings."""
+  scale = _SIZE_SCALE[size]
+  if scale["seq_len_cap"]:
+    seq_len = min(seq_len, scale["seq_len_cap"])
+    max_frames = min(max_frames, scale["max_frames_cap"])
+    global_batch = scale["batch_size"]
+    steps = scale["steps"]
+  demo = size in ("tiny", "small")
+
+  config = ml_collections.ConfigDict()
+  config.stage = stage
+  config.model = model_config(size)
+  config.mesh = mesh_config()
+  config.init_from = init_from or ""          # HF dir (either layout) or a previous workdir
+  config.init_from_llm = ""                   # stage 1: Qwen2 transformers dir
+  config.init_from_vision = ""                # stage 1: InternViT dir (OpenGVLab layout)
+
+  config.data = ml_collections.ConfigDict(dict(
+      seq_len=seq_len,
+      global_batch_size=global_batch,
+      reset_positions=reset_positions,        # stages 1-2: per-sample positions + masking
+      max_frames=max_frames,
+      video_fps=1.0,
+      max_tiles=config.model.max_tiles,
+      tiles_per_batch=0,                      # static pixel budget per batch; 0 = derive
+      # Where the data comes from: the demo corpus for tiny/small, the release mixture else.
+      data_root="runs/demo_data" if demo else "data",
+      # "name=weight,..." — each name resolves to <data_root>/<name>/*.jsonl
+      mixture="demo=1.0" if demo else ",".join(f"{k}={v}" for k, v in (mixture or {}).items()),
+      manifest="",                            # a user's own manifest overrides the mixture
+      eval_manifest="",
+      tokenizer="runs/demo_data/tokenizer" if demo else "",
+      truncate_long_samples=False,            # drop (default) or truncate at a turn boundary
+      max_bad_fraction=0.01,                  # stop when more samples than this are bad
+      num_workers=0,
+      prefetch=2,
+      seed=0,
+  ))
+
+  config.train = ml_collections.ConfigDict(dict(
+      steps=steps,
+      trainable=tuple(trainable),             # subset of ("vision", "projector", "llm")
+      peak_lr=peak_lr,
+      min_lr=min_lr,
+      warmup_fraction=0.03,
+      schedule="cosine",
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      vision_lr_mult=vision_lr_mult,
+      layer_decay=layer_decay,
+      grad_accum=1,
+      z_loss=0.0,
+      lm_head_chunk=1024,
+      seed=0,
+      log_every=10 if demo else 50,
+      checkpoint_every=100 if demo else 1000,
+      keep_checkpoints=3,
+      eval_every=0,
+      max_consecutive_nonfinite=5,
+      peak_tflops_per_device=0.0,             # 0 = measure with a matmul at start (CPU)
+  ))
+  if demo:
+    config.model.compute_dtype = "float32"    # CPU has no fast bf16 matmul
+    config.model.remat = "none"
+  return config

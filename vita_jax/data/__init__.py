@@ -1,0 +1,1 @@
+"""Data pipeline: manifests, images, video, tokenization, packing, demo corpus. Never imports models."""

@@ -1,0 +1,1 @@
+"""Pure array functions (no Flax state): attention, ring attention, LM head."""
