@@ -1,28 +1,233 @@
-"""Trainer entry point: `python -m vita_jax.train --config=configs/stage2.py:tiny --workdir=DIR`.
+"""Train Long-VITA, any stage, any mesh:
 
-Not implemented yet (issue: the trainer). Today this validates the config against the local
-devices — so a wrong override is refused with a clear message — and then says so plainly.
+    python -m vita_jax.train --config=configs/stage2.py:tiny --workdir=runs/demo
+
+Writes `WORKDIR/metrics.jsonl` (step, loss, lr, tokens_per_s, grad_norm, mfu, skip counts),
+TensorBoard events under `WORKDIR/tensorboard`, and checkpoints under `WORKDIR/checkpoints`.
+Re-running the same command resumes from the newest complete checkpoint; SIGTERM saves one
+before exiting. Overrides: `--config.train.steps=50 --config.mesh.seq=4 ...`.
 """
 
+from __future__ import annotations
+
+import copy
+import os
+import signal
 import sys
+import time
 
 import jax
-from absl import flags
+import numpy as np
+from absl import flags, logging
 
 from vita_jax import cli
 from vita_jax import config as config_lib
+from vita_jax.parallel.mesh import ConfigError, make_mesh
 
 _CONFIG = cli.define_config_flag()
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, metrics.jsonl, "
+                               "tensorboard/. An existing one is resumed.")
+flags.mark_flag_as_required("workdir")
+
+MODEL_KEYS = ("input_ids", "labels", "positions", "segment_ids", "pixel_values")
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def maybe_initialize_distributed() -> None:
+  """Join a multi-process run when a launcher set one up (JAX coordinator env, SLURM, TPU)."""
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+    jax.distributed.initialize(
+        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(env["JAX_NUM_PROCESSES"]),
+        process_id=int(env["JAX_PROCESS_ID"]))
+  elif env.get("SLURM_NTASKS", "1") != "1" or env.get("TPU_WORKER_HOSTNAMES"):
+    jax.distributed.initialize()
+
+
+def build_model(config, mesh):
+  from flax import nnx
+
+  from vita_jax.models.vlm import LongVITA
+  return LongVITA(config.model, rngs=nnx.Rngs(config.train.seed), mesh=mesh)
+
+
+def load_initial_weights(config, model) -> None:
+  """Apply `init_from` / `init_from_llm` / `init_from_vision` to a fresh model, in place."""
+  from vita_jax import init_weights
+  if config.init_from:
+    init_weights.load_into(model, config.init_from, report_prefix="init_from")
+  if config.init_from_llm:
+    init_weights.load_llm_into(model, config.init_from_llm)
+  if config.init_from_vision:
+    init_weights.load_vision_into(model, config.init_from_vision)
+
+
+def _stack_micro_batches(micro: list[dict]) -> tuple[dict, dict]:
+  """Split model inputs from counters and stack micro-batches on a new leading axis."""
+  counters = {k: v for k, v in micro[-1].items() if k not in MODEL_KEYS}
+  stacked = {k: np.stack([m[k] for m in micro]) for k in MODEL_KEYS if k in micro[0]}
+  return stacked, counters
+
+
+def _global_batch(stacked: dict, mesh) -> dict:
+  """Per-process numpy micro-batches -> global jax.Arrays sharded batch/seq over the mesh."""
+  from jax.sharding import NamedSharding
+
+  from vita_jax.parallel.sharding import logical_to_spec
+  out = {}
+  for key, value in stacked.items():
+    if key == "pixel_values":   # [A, T, H, W, 3]: tiles replicated (the model shards them)
+      spec = logical_to_spec((None, None, None, None, None), mesh)
+    else:                       # [A, B, S]
+      spec = logical_to_spec((None, "batch", "length"), mesh)
+    out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
+  return out
+
+
+def train(config, workdir: str) -> dict:
+  """Run (or resume) training; returns the last logged metrics."""
+  import optax  # noqa: F401  (import cost only when training)
+  from tqdm import tqdm
+
+  from vita_jax import flops as flops_lib
+  from vita_jax import optim, train_state
+  from vita_jax.checkpointing import Checkpointer
+  from vita_jax.data.pipeline import make_train_iterator
+  from vita_jax.metrics import MetricsWriter
+
+  maybe_initialize_distributed()
+  shape = config_lib.validate(config, jax.device_count())
+  mesh = make_mesh(config.mesh)
+  primary = jax.process_index() == 0
+  train_cfg = config.train
+  accum = int(train_cfg.grad_accum)
+
+  model = build_model(config, mesh)
+  load_initial_weights(config, model)
+  split, params, frozen = train_state.split_model(model, tuple(train_cfg.trainable))
+  del model
+  tx, schedule = optim.make_optimizer(params, split.trainable_axes, train_cfg)
+
+  param_sh = train_state.shardings_like(params, split.trainable_axes, mesh)
+  frozen_sh = train_state.shardings_like(frozen, split.frozen_axes, mesh)
+  params = jax.device_put(params, param_sh)
+  frozen = jax.device_put(frozen, frozen_sh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = dict(params=params, opt_state=jax.jit(tx.init)(params),
+               step=jax.device_put(np.int32(0), replicated))
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+
+  step_fn = jax.jit(train_state.make_train_step(split, tx, schedule, config),
+                    donate_argnums=(0,), out_shardings=(state_sh, None))
+
+  # Data: micro-batches of global_batch / grad_accum rows, this process's share only.
+  data_cfg = copy.deepcopy(config)
+  with data_cfg.unlocked():
+    data_cfg.data.global_batch_size = config.data.global_batch_size // accum
+  data_iter = make_train_iterator(data_cfg, seq_shards=shape["seq"],
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints)
+  start_step = 0
+  abstract = {"state": jax.tree.map(_abstract, state), "frozen": jax.tree.map(_abstract, frozen)}
+  restored = ckpt.restore(abstract) if ckpt.latest_step() is not None else None
+  if restored is not None:
+    start_step, tree, data_state, meta = restored
+    state, frozen = tree["state"], tree["frozen"]
+    data_iter.set_state(data_state)
+    print(f"resumed from {ckpt.directory} at step {start_step}", flush=True)
+  writer = MetricsWriter(workdir, enabled=primary, resume_step=start_step)
+
+  peak = float(train_cfg.peak_tflops_per_device) * 1e12 * jax.device_count()
+  if peak <= 0:
+    peak = flops_lib.measure_peak_flops()
+    print(f"measured peak: {peak / 1e9:.1f} GFLOP/s (fp32 matmul, whole machine)", flush=True)
+
+  preempted = {"flag": False}
+  signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+
+  def save(step: int, force: bool = False):
+    ckpt.save(step, {"state": state, "frozen": frozen}, data_iter.get_state(),
+              {"stage": config.stage, "size": config.model.size}, force=force)
+
+  last: dict = {}
+  window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+  progress = tqdm(total=train_cfg.steps, initial=start_step, disable=not primary,
+                  dynamic_ncols=True, desc=f"stage {config.stage}")
+  for step in range(start_step, train_cfg.steps):
+    micro = [next(data_iter) for _ in range(accum)]
+    stacked, counters = _stack_micro_batches(micro)
+    tokens = int(sum((m["segment_ids"] > 0).sum() for m in micro)) * jax.process_count()
+    tiles = int(sum(int(m.get("num_tiles", 0)) for m in micro)) * jax.process_count()
+    window_tokens += tokens
+    window_flops += flops_lib.train_flops_per_step(
+        config.model, batch=config.data.global_batch_size, seq_len=config.data.seq_len,
+        tiles=tiles, trainable=tuple(train_cfg.trainable))
+    state, metrics = step_fn(state, frozen, _global_batch(stacked, mesh))
+    done = step + 1
+    progress.update(1)
+
+    log_now = done % train_cfg.log_every == 0 or done == train_cfg.steps
+    if log_now or preempted["flag"]:
+      metrics = jax.device_get(metrics)
+      elapsed = time.perf_counter() - window_start
+      last = dict(loss=float(metrics["loss"]), lr=float(metrics["lr"]),
+                  tokens_per_s=window_tokens / elapsed, grad_norm=float(metrics["grad_norm"]),
+                  mfu=window_flops / elapsed / peak,
+                  supervised_tokens=int(metrics["supervised_tokens"]),
+                  nonfinite_steps=int(metrics["nonfinite_total"]))
+      last.update({k: _scalar(v) for k, v in counters.items()})
+      writer.write(done, last)
+      progress.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                           mfu=f"{last['mfu']:.1%}")
+      if int(metrics["nonfinite_consecutive"]) >= train_cfg.max_consecutive_nonfinite:
+        ckpt.wait()
+        raise NonFiniteLossError(
+            f"{int(metrics['nonfinite_consecutive'])} consecutive steps up to step {done} had a "
+            "non-finite loss or gradient; those updates were skipped and the parameters are "
+            "unchanged since. Lower train.peak_lr, check the data, or resume from the last "
+            "checkpoint.")
+      window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+
+    if done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps:
+      save(done)
+    if preempted["flag"]:
+      save(done, force=True)
+      ckpt.close()
+      print(f"SIGTERM: saved a checkpoint at step {done}; exiting", flush=True)
+      sys.exit(143)
+  progress.close()
+  ckpt.close()
+  writer.close()
+  return last
+
+
+def _abstract(x):
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  return x
+
+
+def _scalar(value):
+  value = np.asarray(value)
+  return value.item() if value.size == 1 else value.tolist()
 
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  shape = config_lib.validate(config, jax.device_count())
-  print(f"config ok: stage {config.stage}, size {config.model.size}, mesh {shape}")
-  print("error: the trainer is not implemented yet; see the open trainer issue.", file=sys.stderr)
-  sys.exit(1)
+  logging.set_verbosity(logging.WARNING)
+  try:
+    train(_CONFIG.value, _WORKDIR.value)
+  except NonFiniteLossError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+  except FileNotFoundError as e:
+    raise ConfigError(str(e)) from e
 
 
 if __name__ == "__main__":

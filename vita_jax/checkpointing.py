@@ -1,0 +1,82 @@
+"""Training checkpoints with orbax: params, optimizer state, step, RNG and data-iterator state.
+
+Saves are asynchronous, the last `keep` are kept, and restoring walks back from the newest:
+orbax never exposes a half-written (uncommitted) step, and a committed one that fails to load
+is reported and skipped in favour of the one before.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import pickle
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+def _encode_data_state(state: Any) -> dict:
+  try:
+    json.dumps(state)
+    return {"json": state}
+  except TypeError:  # bytes inside an iterator state
+    return {"pickle": base64.b64encode(pickle.dumps(state)).decode()}
+
+
+def _decode_data_state(blob: dict) -> Any:
+  if "json" in blob:
+    return blob["json"]
+  return pickle.loads(base64.b64decode(blob["pickle"]))
+
+
+class Checkpointer:
+  """`save(step, state, data_state, meta)` / `restore(abstract_state)` under `directory`."""
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
+               primary_host: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    del primary_host  # orbax coordinates multi-process writes itself
+
+  def save(self, step: int, state: Any, data_state: Any = None, meta: dict | None = None,
+           *, force: bool = False) -> bool:
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(_encode_data_state(data_state)),
+        meta=ocp.args.JsonSave(meta or {}))
+    return self.manager.save(step, args=args, force=force)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def restore(self, abstract_state: Any, step: int | None = None):
+    """(step, state, data_state, meta) of the newest loadable checkpoint, or None if none."""
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    for candidate in steps:
+      try:
+        restored = self.manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+      except Exception as e:  # corrupt or incompatible: say so, fall back to the previous one
+        logging.warning("checkpoint at step %d in %s could not be restored (%s: %s); trying "
+                        "the previous one", candidate, self.directory, type(e).__name__, e)
+        print(f"warning: checkpoint step {candidate} is unreadable ({type(e).__name__}); "
+              "falling back to the previous checkpoint", flush=True)
+        continue
+      return (candidate, restored["state"], _decode_data_state(restored["data"]),
+              dict(restored["meta"]))
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
