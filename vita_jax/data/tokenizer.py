@@ -1,0 +1,103 @@
+"""Tokenizer loading (a local directory) and the demo tokenizer's construction.
+
+    tok = load_tokenizer("runs/demo_data/tokenizer")      # or a Qwen2.5 tokenizer directory
+    tok.encode("What colour?")  ->  [ids]                  # never adds special tokens
+
+Any directory `transformers.AutoTokenizer` reads works (a real Qwen2.5 directory unchanged);
+the DESIGN §2 visual tokens are added, in order, where absent, so for Qwen2.5 `<img>` is 151665.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from configs.base import CHATML_TOKENS, VISUAL_SPECIAL_TOKENS
+from vita_jax.parallel.mesh import ConfigError
+
+SPECIAL_TOKENS = CHATML_TOKENS + VISUAL_SPECIAL_TOKENS
+
+
+class Tokenizer:
+  """A `tokenizers.Tokenizer` plus the ids of the ChatML and visual special tokens."""
+
+  def __init__(self, backend, path: str = ""):
+    self.backend = backend        # tokenizers.Tokenizer (picklable)
+    self.path = path
+    self.ids = {t: backend.token_to_id(t) for t in SPECIAL_TOKENS}
+    missing = [t for t, i in self.ids.items() if i is None]
+    if missing:
+      raise ConfigError(f"tokenizer {path!r} lacks {', '.join(missing)}")
+    newline = self.encode("\n")
+    if len(newline) != 1:
+      raise ConfigError(f"tokenizer {path!r} splits '\\n' into {len(newline)} tokens")
+    self.newline_id = newline[0]
+    self.pad_id = self.ids["<|endoftext|>"]
+    self.eos_id = self.ids["<|im_end|>"]
+
+  @property
+  def vocab_size(self) -> int:
+    return self.backend.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str) -> list[int]:
+    if not text:
+      return []
+    return self.backend.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def token(self, i: int) -> str:
+    return self.backend.id_to_token(int(i))
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str) -> Tokenizer:
+  """Load a tokenizer directory and add the visual special tokens where absent."""
+  if not path or not os.path.isdir(path):
+    raise ConfigError(
+        f"tokenizer directory {path!r} not found; set --config.data.tokenizer to a directory "
+        "with tokenizer.json (or vocab.json + merges.txt), e.g. a Qwen2.5 tokenizer")
+  import transformers  # lazy: slow to import
+
+  hf = transformers.AutoTokenizer.from_pretrained(path)
+  absent = [t for t in SPECIAL_TOKENS if hf.convert_tokens_to_ids(t) in (None, hf.unk_token_id)]
+  if absent:
+    hf.add_tokens(list(absent), special_tokens=True)
+  return Tokenizer(hf.backend_tokenizer, path)
+
+
+def check_token_ids(tok: Tokenizer, tokens_cfg) -> None:
+  """Raise ConfigError when config.model.tokens disagrees with the tokenizer."""
+  want = {
+      "pad_id": tok.pad_id, "eos_id": tok.eos_id,
+      "img_start_id": tok.ids["<img>"], "img_end_id": tok.ids["</img>"],
+      "img_context_id": tok.ids["<IMG_CONTEXT>"], "vid_start_id": tok.ids["<vid>"],
+      "vid_end_id": tok.ids["</vid>"], "vid_context_id": tok.ids["<VID_CONTEXT>"],
+      "patch_start_id": tok.ids["<patch>"], "patch_end_id": tok.ids["</patch>"],
+      "patch_context_id": tok.ids["<PATCH_CONTEXT>"],
+  }
+  for key, value in want.items():
+    if key in tokens_cfg and tokens_cfg[key] != value:
+      raise ConfigError(
+          f"config.model.tokens.{key}={tokens_cfg[key]} but tokenizer {tok.path!r} gives "
+          f"{value}; use the tokenizer the model was built for (--config.data.tokenizer)")
+
+
+def train_demo_tokenizer(texts, out_dir: str, vocab_size: int = 2048) -> None:
+  """Byte-level BPE on `texts`; ids 0.. are SPECIAL_TOKENS in order (<|endoftext|>=0, ...)."""
+  import transformers
+  from tokenizers import Tokenizer as HFTokenizer
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  backend = HFTokenizer(models.BPE())
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  backend.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
+  backend.train_from_iterator(texts, trainer=trainer)
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+      unk_token=None, model_max_length=1 << 20)
+  fast.save_pretrained(out_dir)
