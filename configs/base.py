@@ -100,8 +100,13 @@ def model_config(size: str = "14b") -> ml_collections.ConfigDict:
   else:
     raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
 
+  # The `internvl` layout marks every image token with one id (transformers' image_token_id);
+  # -1 = none. It is replaced by visual features like the three context tokens above.
+  tokens.image_token_id = -1
+
   return ml_collections.ConfigDict(dict(
       size=size,
+      layout="long_vita",             # HF layout save_pretrained writes by default
       vision=vision,
       llm=llm,
       downsample_ratio=0.5,           # pixel shuffle: (h/p)^2 patches -> (h/p * r)^2 tokens

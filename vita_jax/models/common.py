@@ -1,0 +1,94 @@
+"""Pieces shared by the vision tower, projector and decoder: parameters with logical axes,
+norms, and the layer loop (scanned, optionally rematerialised).
+
+Layer stacks keep every per-layer parameter stacked along a leading "layers" axis whether or
+not the loop is scanned, so a checkpoint has one layout; `scan_layers=False` only unrolls the
+loop (handy for debugging), it does not change the parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def dtype_of(name) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype,
+          init: str = "normal", std: float = 0.02, value: float = 0.0) -> nnx.Param:
+  """An `nnx.Param` of `shape` annotated with logical `axes` (see parallel/sharding.py).
+
+  init: "normal" (std), "zeros", "ones" or "const" (value).
+  """
+  shape = tuple(int(s) for s in shape)
+  if len(axes) != len(shape):
+    raise ValueError(f"logical axes {tuple(axes)} do not match shape {shape}")
+  dtype = dtype_of(dtype)
+  if init == "normal":
+    data = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  elif init == "zeros":
+    data = jnp.zeros(shape, jnp.float32)
+  elif init == "ones":
+    data = jnp.ones(shape, jnp.float32)
+  elif init == "const":
+    data = jnp.full(shape, value, jnp.float32)
+  else:
+    raise ValueError(f"unknown init {init!r}")
+  return nnx.Param(data.astype(dtype), logical_axes=tuple(axes))
+
+
+def layer_norm(x, scale, bias, eps: float):
+  """LayerNorm over the last axis with fp32 statistics; returns x's dtype."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+  y = (xf - mean) * jax.lax.rsqrt(var + eps)
+  y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+def rms_norm(x, scale, eps: float):
+  """RMSNorm (Qwen2): normalise in fp32, cast back, then scale."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+  """Wrap a per-layer function with activation rematerialisation."""
+  if policy == "none":
+    return fn
+  if policy == "full":
+    return jax.checkpoint(fn)
+  if policy == "dots":
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  raise ValueError(f"remat {policy!r} is not one of {', '.join(REMAT_POLICIES)}; "
+                   "set --config.model.remat accordingly")
+
+
+def run_layers(body: Callable, carry, stacked: dict, *, scan: bool, remat_policy: str):
+  """carry = body(carry, params_of_layer_i) for every layer of `stacked` ([L, ...] arrays)."""
+  body = remat(body, remat_policy)
+  if scan:
+    carry, _ = jax.lax.scan(lambda c, p: (body(c, p), None), carry, stacked)
+    return carry
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(num_layers):
+    carry = body(carry, jax.tree.map(lambda a, i=i: a[i], stacked))
+  return carry
+
+
+def values(module: nnx.Module, names: Sequence[str], dtype=None) -> dict:
+  """{name: array} of a module's params, optionally cast to the compute dtype."""
+  out = {}
+  for name in names:
+    v = getattr(module, name)[...]
+    out[name] = v if dtype is None else v.astype(dtype)
+  return out

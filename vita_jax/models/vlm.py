@@ -1,0 +1,97 @@
+"""Long-VITA: InternViT on every tile/frame -> pixel shuffle + projector -> features placed, in
+order, at the visual context tokens of a Qwen2 decoder (DESIGN §2, §5).
+
+    model = LongVITA(base.model_config("tiny"), rngs=nnx.Rngs(0))
+    logits = model(input_ids, pixel_values)          # fp32 [B, S, V]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vita_jax.models.llm import Qwen2
+from vita_jax.models.projector import Projector
+from vita_jax.models.vision import InternViT
+
+
+def context_token_ids(tokens) -> tuple[int, ...]:
+  """Ids whose embeddings are replaced by visual features (negative ids are disabled)."""
+  ids = (tokens.img_context_id, tokens.patch_context_id, tokens.vid_context_id,
+         tokens.get("image_token_id", -1))
+  return tuple(sorted({int(i) for i in ids if int(i) >= 0}))
+
+
+def merge_visual_features(embeds, input_ids, features, context_ids, *, check: bool):
+  """Put features [T, n, D] into embeds [B, S, D] at the context tokens, in order (batch
+  first, then sequence). Features beyond the number of context tokens (padding tiles under a
+  static tile budget) are ignored. With `check`, counts must match exactly."""
+  is_ctx = jnp.isin(input_ids, jnp.asarray(context_ids, input_ids.dtype))     # [B, S]
+  flat = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
+  if check:
+    n_tokens = int(np.asarray(is_ctx).sum())
+    if n_tokens != flat.shape[0]:
+      raise ValueError(
+          f"the input has {n_tokens} visual context tokens but pixel_values gives "
+          f"{features.shape[0]} tiles x {features.shape[1]} tokens per tile = {flat.shape[0]} "
+          "features; every tile/frame needs exactly one run of context tokens")
+  index = jnp.cumsum(is_ctx.reshape(-1)) - 1
+  gathered = jnp.take(flat, jnp.clip(index, 0, flat.shape[0] - 1), axis=0)
+  gathered = gathered.reshape(embeds.shape)
+  return jnp.where(is_ctx[..., None], gathered, embeds)
+
+
+def _is_traced(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+class LongVITA(nnx.Module):
+  """The vision-language model. Submodules: `vision`, `projector`, `llm`."""
+
+  def __init__(self, model_cfg, *, rngs: nnx.Rngs, mesh=None):
+    self.config = model_cfg
+    self.mesh = mesh
+    common = dict(param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype)
+    layers = dict(remat=model_cfg.remat, scan_layers=model_cfg.scan_layers,
+                  attention_cfg=dict(model_cfg.attention))
+    self.vision = InternViT(model_cfg.vision, rngs=rngs, **common, **layers)
+    self.projector = Projector(model_cfg.vision.hidden_size, model_cfg.llm.hidden_size,
+                               model_cfg.projector, model_cfg.downsample_ratio, rngs=rngs,
+                               **common)
+    self.llm = Qwen2(model_cfg.llm, rngs=rngs, **common, **layers)
+    self.context_ids = context_token_ids(model_cfg.tokens)
+
+  def image_features(self, pixel_values):
+    """pixel_values [T, H, W, 3] -> LLM-space features [T, tokens_per_tile, D]."""
+    return self.projector(self.vision(jnp.asarray(pixel_values, jnp.float32), mesh=self.mesh))
+
+  def embed(self, input_ids, pixel_values=None):
+    """Token embeddings with visual features placed at the context tokens. [B, S, D]."""
+    x = self.llm.embed(input_ids)
+    if pixel_values is not None and pixel_values.shape[0] > 0:
+      features = self.image_features(pixel_values)
+      x = merge_visual_features(x, input_ids, features, self.context_ids,
+                                check=not _is_traced(input_ids))
+    return x
+
+  def __call__(self, input_ids, pixel_values=None, positions=None, segment_ids=None, *,
+               return_hidden: bool = False):
+    """input_ids int [B, S] -> fp32 logits [B, S, V] (or final hidden states [B, S, D])."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    b, s = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, s), jnp.int32)
+    x = self.embed(input_ids, pixel_values)
+    hidden = self.llm(x, jnp.asarray(positions, jnp.int32), jnp.asarray(segment_ids, jnp.int32),
+                      mesh=self.mesh)
+    if return_hidden:
+      return hidden
+    return self.llm.logits(hidden)
+
+  def lm_head_weight(self):
+    """[D, V] LM head kernel (the embedding transposed when embeddings are tied)."""
+    return self.llm.head_weight()
