@@ -1,1 +1,4 @@
-"""Data pipeline: manifests, images, video, tokenization, packing, demo corpus. Never imports models."""
+"""Data pipeline: manifests, images, video, tokenization, packing, demo corpus.
+
+Never imports vita_jax.models.
+"""

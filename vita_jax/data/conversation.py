@@ -6,7 +6,8 @@
 carry no placeholder but which has images (videos) gets them at the start of its first user
 turn, as LLaVA does. Image (grid cols x rows, thumbnail first when more than one tile):
 
-    <img> tpt*<IMG_CONTEXT> </img>  then per tile row: \n, per tile <patch> tpt*<PATCH_CONTEXT> </patch>
+    <img> tpt*<IMG_CONTEXT> </img>
+    then per tile row: \n, and per tile <patch> tpt*<PATCH_CONTEXT> </patch>
 
 Video, per frame: <vid> tpt*<VID_CONTEXT> </vid>. Supervised tokens: assistant content plus its
 `<|im_end|>\n`. The mask here is *unshifted* (token t is a target); packing shifts it.

@@ -53,7 +53,8 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, colour) -> None:
 def draw_digit(draw: ImageDraw.ImageDraw, digit: int, box, colour) -> None:
   x0, y0, x1, y1 = box
   ym, t = (y0 + y1) / 2, max(2, (x1 - x0) // 6)
-  seg = {"a": (x0, y0, x1, y0 + t), "g": (x0, ym - t / 2, x1, ym + t / 2), "d": (x0, y1 - t, x1, y1),
+  seg = {"a": (x0, y0, x1, y0 + t), "g": (x0, ym - t / 2, x1, ym + t / 2),
+         "d": (x0, y1 - t, x1, y1),
          "f": (x0, y0, x0 + t, ym), "b": (x1 - t, y0, x1, ym),
          "e": (x0, ym, x0 + t, y1), "c": (x1 - t, ym, x1, y1)}
   for s in _SEGMENTS[digit]:

@@ -23,8 +23,12 @@ from configs.base import tokens_per_tile
 from vita_jax.data import demo
 from vita_jax.data import image as image_lib
 from vita_jax.data import video as video_lib
-from vita_jax.data.conversation import (SampleError, encode_conversation, tiles_of_grid,
-                                        truncate_at_turn)
+from vita_jax.data.conversation import (
+  SampleError,
+  encode_conversation,
+  tiles_of_grid,
+  truncate_at_turn,
+)
 from vita_jax.data.manifest import JsonlSource, parse_sample, resolve_sources
 from vita_jax.data.packing import PackIterDataset
 from vita_jax.data.tokenizer import check_token_ids, load_tokenizer
