@@ -1,5 +1,6 @@
 """Tokenizer ids, ChatML, the visual token layout of DESIGN §2 and the loss mask."""
 
+import json
 import pathlib
 
 import numpy as np
@@ -151,3 +152,26 @@ def test_truncate_at_turn_boundary(tok):
   assert short.visual_order == [("image", 0), ("image", 1)]
   np.testing.assert_array_equal(short.ids, enc.ids[:len(short.ids)])
   assert truncate_at_turn(enc, enc.message_ends[0]) is None  # no assistant turn fits
+
+
+def test_llava_convert_round_trip(tmp_path, tok):
+  from vita_jax.data import llava_convert
+  from vita_jax.data.manifest import parse_sample
+
+  (tmp_path / "imgs").mkdir()
+  (tmp_path / "imgs" / "a.png").write_bytes(b"")
+  src = [{"id": "1", "image": "a.png", "conversations": [
+      {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a cat"}]},
+         {"id": "2", "conversations": [{"from": "robot", "value": "?"}]},
+         {"id": "3", "conversations": [{"from": "human", "value": "Hi"},
+                                       {"from": "gpt", "value": "Hello"}]}]
+  (tmp_path / "llava.json").write_text(json.dumps(src))
+  out = tmp_path / "data" / "mine" / "train.jsonl"
+  counts = llava_convert.convert(str(tmp_path / "llava.json"), str(out), str(tmp_path / "imgs"))
+  assert counts == {"written": 2, "unreadable": 1, "missing_media": 0}
+  first = parse_sample(out.read_text().splitlines()[0])
+  assert first["images"] == ["../../imgs/a.png"]
+  assert first["messages"] == [{"role": "user", "content": "<image>\nWhat is it?"},
+                               {"role": "assistant", "content": "a cat"}]
+  # The LLaVA form is also read directly from a manifest line.
+  assert parse_sample(json.dumps(src[0]))["messages"] == first["messages"]
