@@ -144,7 +144,13 @@ def _text_fields(cfg) -> dict:
               num_key_value_heads=llm.num_kv_heads, head_dim=llm.head_dim,
               intermediate_size=llm.ffn_dim, rms_norm_eps=llm.rms_norm_eps, hidden_act="silu",
               tie_word_embeddings=bool(llm.tie_embeddings), use_sliding_window=False,
-              eos_token_id=cfg.tokens.eos_id, pad_token_id=cfg.tokens.pad_id)
+              eos_token_id=_in_vocab(cfg.tokens.eos_id, llm.vocab_size),
+              pad_token_id=_in_vocab(cfg.tokens.pad_id, llm.vocab_size))
+
+
+def _in_vocab(token_id: int, vocab: int):
+  """transformers refuses ids outside the vocabulary (tiny test models): write null."""
+  return int(token_id) if 0 <= token_id < vocab else None
 
 
 def hf_config_from_model_config(cfg, layout: str, dtype: str = "float32") -> dict:

@@ -116,7 +116,8 @@ def rules(cfg, layout: str) -> list[Rule]:
       Rule(("vision", "pos_embed"), (n["pos"],), *_vector(hf_shape=_TABLE_SHAPE)),
   ]
   vis = lambda name, keys, fns: Rule(("vision", "layers", name), keys, *fns, layers=lv)
-  qkv_bias = (tuple(k + "bias" for k in n["qkv"]), _vector(parts)) if cfg.vision.qkv_bias \
+  qkv_bias = (tuple(k + "bias" for k in n["qkv"]), _vector(parts, _FLAT)) \
+      if cfg.vision.qkv_bias \
       else ((), _zeros())
   out += [
       vis("norm1_scale", (n["norm1"] + "weight",), _vector()),

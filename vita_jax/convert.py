@@ -1,0 +1,65 @@
+"""Convert a Hugging Face checkpoint between the `long_vita` and `internvl` layouts.
+
+    python -m vita_jax.convert SRC DST [--layout internvl|long_vita] [--dtype bfloat16]
+        [--max-shard-gb 4]
+
+SRC's layout comes from its config.json; --layout defaults to the other one. --dtype defaults
+to the dtype SRC is stored in. The conversion is exact (a table of names, transposes and
+reshapes; a bias-free projector gets zero biases in the internvl layout). Training
+checkpoints (orbax) are handled by the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _stored_dtype(src: str, layout: str) -> str:
+  from vita_jax.checkpoint_hf import SafetensorsDir
+  tensors = SafetensorsDir(src, layout)
+  key = next(iter(tensors))
+  return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(tensors.dtype(key),
+                                                                     "float32")
+
+
+def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = None,
+            max_shard_bytes: int = 4 << 30) -> str:
+  """Read SRC (either layout) and write DST in `layout`; returns the layout written."""
+  from vita_jax.checkpoint_hf import (
+      LAYOUTS, detect_layout, load_pretrained, read_hf_config, save_pretrained)
+  src_layout = detect_layout(read_hf_config(src))
+  layout = layout or next(x for x in LAYOUTS if x != src_layout)
+  if os.path.abspath(src) == os.path.abspath(dst):
+    raise ValueError(f"SRC and DST are the same directory ({src}); write to a new directory")
+  dtype = dtype or _stored_dtype(src, src_layout)
+  model = load_pretrained(src, dtype=dtype)
+  save_pretrained(model, dst, layout=layout, dtype=dtype, max_shard_bytes=max_shard_bytes)
+  return layout
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m vita_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("src", help="Hugging Face directory to read (either layout)")
+  parser.add_argument("dst", help="directory to write")
+  parser.add_argument("--layout", choices=("long_vita", "internvl"), default=None,
+                      help="layout to write (default: the one SRC is not in)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                      help="tensor dtype to write (default: SRC's)")
+  parser.add_argument("--max-shard-gb", type=float, default=4.0,
+                      help="largest safetensors shard in GiB")
+  args = parser.parse_args(argv)
+  try:
+    layout = convert(args.src, args.dst, args.layout, args.dtype,
+                     int(args.max_shard_gb * (1 << 30)))
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {args.dst} ({layout} layout)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
