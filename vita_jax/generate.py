@@ -247,6 +247,15 @@ class _Runner:
                         static_argnames=statics, donate_argnums=(1,))
     self.first = jax.jit(_first, static_argnames=("sampling", "eos_id"))
     self.vision = jax.jit(lambda state, pixels: _vision_chunk(graphdef, state, pixels, mesh))
+    self._placed = (None, None)
+
+  def state(self, model):
+    """The model's state placed on the mesh (copied again only when the params change)."""
+    state = nnx.state(model)
+    leaves, held = jax.tree.leaves(state), self._placed[0]
+    if held is None or len(held) != len(leaves) or any(a is not b for a, b in zip(held, leaves)):
+      self._placed = (leaves, shard_state(state, self.mesh))
+    return self._placed[1]
 
 
 def _vision_chunk(graphdef, state, pixels, mesh):
@@ -313,7 +322,8 @@ def max_length_of(model) -> int | None:
 
 
 def prefill(model, input_ids, pixel_values=None, *, seq_shards: int = 1, max_new_tokens: int = 1,
-            max_length: int | None = None, timings: dict | None = None):
+            max_length: int | None = None, vision_chunk: int | None = None,
+            timings: dict | None = None):
   """Run the prompt; -> (fp32 logits [B, V] at the last prompt token, Cache, prompt_len).
 
   The prompt is padded to `bucket_length(S, seq_shards)`, zigzagged and sharded over `seq`.
@@ -332,12 +342,12 @@ def prefill(model, input_ids, pixel_values=None, *, seq_shards: int = 1, max_new
         "generate fewer tokens")
   runner = _runner(model, seq_shards)
   mesh = runner.mesh
-  state = shard_state(nnx.state(model), mesh)
+  state = runner.state(model)
   t0 = time.perf_counter()
   features = None
   tpt = 0
   if pixel_values is not None and pixel_values.shape[0] > 0:
-    features = vision_features(model, pixel_values, runner, state)
+    features = vision_features(model, pixel_values, runner, state, chunk=vision_chunk)
     tpt = features.shape[1]
   else:
     pixel_values = None
@@ -365,7 +375,7 @@ def prefill(model, input_ids, pixel_values=None, *, seq_shards: int = 1, max_new
 def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int, seq_shards: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              eos_id: int | None = None, seed: int = 0, max_length: int | None = None,
-             on_token=None, timings: dict | None = None):
+             vision_chunk: int | None = None, on_token=None, timings: dict | None = None):
   """Generate up to `max_new_tokens` tokens after `input_ids` int [B, S] -> int32 [B, new].
 
   Greedy at temperature 0. Generation stops early once every row has produced `eos_id`
@@ -379,9 +389,9 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int, seq_sh
     raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
   logits, cache, s = prefill(model, input_ids, pixel_values, seq_shards=seq_shards,
                              max_new_tokens=max_new_tokens, max_length=max_length,
-                             timings=timings)
+                             vision_chunk=vision_chunk, timings=timings)
   runner = _runner(model, seq_shards)
-  state = shard_state(nnx.state(model), runner.mesh)
+  state = runner.state(model)
   sampling = Sampling(float(temperature), int(top_k), float(top_p))
   eos = -1 if eos_id is None else int(eos_id)
   pad = int(model.config.tokens.get("pad_id", 0))
