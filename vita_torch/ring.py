@@ -1,0 +1,118 @@
+"""Context parallelism over `torch.distributed`: ring attention for prefill, a sharded KV cache
+merge for decode. Works with any backend (hccl on NPU, nccl on GPU, gloo on CPU).
+
+Layout: the zigzag of vita_jax/parallel/zigzag.py. The (padded) sequence is cut into 2N chunks
+and rank r holds chunks r and 2N-1-r, which balances causal work. The mask comes from the segment
+ids and positions that travel with K/V, so the layout never enters the attention math.
+
+Prefill (`ring_attention`): each step a rank attends its queries to the K/V block it holds while
+`batch_isend_irecv` passes that block on to rank+1; the per-block results are merged with their
+log-sum-exp in fp32 (`merge`).
+
+Decode (`sharded_decode_attention`): each rank keeps the K/V of its own tokens; a new query is
+attended against every shard locally and the partial softmaxes are combined by an all-reduce of
+the max, the sum and the numerator, so no rank ever holds the whole cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from vita_torch.model import attention_mask
+
+# q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D], segment ids / positions [B, S]; lse [B, Sq, Hq] fp32.
+
+
+def zigzag_indices(seq_len: int, rank: int, world: int) -> torch.Tensor:
+  """Global token indices rank `rank` holds: chunks rank and 2*world-1-rank of 2*world."""
+  if seq_len % (2 * world):
+    raise ValueError(f"seq_len {seq_len} is not divisible by 2*world_size={2 * world}; pad it "
+                     f"to {-(-seq_len // (2 * world)) * 2 * world}")
+  chunk = seq_len // (2 * world)
+  starts = (rank * chunk, (2 * world - 1 - rank) * chunk)
+  return torch.cat([torch.arange(s, s + chunk) for s in starts])
+
+
+def lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale=None):
+  """Attention of q to one K/V block with its log-sum-exp: (out fp32, lse fp32).
+
+  Rows that see no key in this block get out 0 and lse -inf (they merge as "nothing").
+  """
+  b, sq, hq, d = q.shape
+  hkv = k.shape[2]
+  scale = d ** -0.5 if scale is None else scale
+  qg = q.float().reshape(b, sq, hkv, hq // hkv, d)          # GQA: group queries by KV head
+  scores = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.float()) * scale
+  mask = attention_mask(seg_q, pos_q, seg_k, pos_k, causal)[:, None, None]
+  scores = scores.masked_fill(~mask, float("-inf"))
+  row_max = scores.amax(-1, keepdim=True)
+  row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+  p = torch.exp(scores - row_max)                             # masked entries: exp(-inf) = 0
+  denom = p.sum(-1, keepdim=True)
+  out = torch.einsum("bhgqk,bkhd->bqhgd", p / denom.clamp_min(1e-30), v.float())
+  lse = (row_max + torch.log(denom)).squeeze(-1)              # [B, Hkv, G, Sq]
+  return out.reshape(b, sq, hq, d), lse.permute(0, 3, 1, 2).reshape(b, sq, hq)
+
+
+def merge(out, lse, block_out, block_lse):
+  """Combine two partial attentions over disjoint key sets by their log-sum-exp (fp32)."""
+  top = torch.maximum(lse, block_lse)
+  top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+  w, bw = torch.exp(lse - top), torch.exp(block_lse - top)
+  total = w + bw
+  new_out = (out * w[..., None] + block_out * bw[..., None]) / total.clamp_min(1e-30)[..., None]
+  return new_out, top + torch.log(total)
+
+
+def _peers(group):
+  group = group or dist.group.WORLD
+  world, rank = dist.get_world_size(group), dist.get_rank(group)
+  send_to = dist.get_global_rank(group, (rank + 1) % world)
+  recv_from = dist.get_global_rank(group, (rank - 1) % world)
+  return world, send_to, recv_from
+
+
+def ring_attention(q, k, v, segment_ids, positions, *, group=None, causal=True, scale=None):
+  """Attention over a sequence sharded across the ranks of `group`; returns q's dtype.
+
+  Every argument is this rank's shard (any token layout; zigzag balances causal work). K/V and
+  their ids go round the ring once; the transfer of the next block overlaps this block's math.
+  """
+  world, send_to, recv_from = _peers(group)
+  block = [t.contiguous() for t in (k, v, segment_ids, positions)]
+  out = lse = None
+  for step in range(world):
+    pending = []
+    if step + 1 < world:
+      incoming = [torch.empty_like(t) for t in block]
+      ops = [dist.P2POp(dist.isend, t, send_to, group) for t in block]
+      ops += [dist.P2POp(dist.irecv, t, recv_from, group) for t in incoming]
+      pending = dist.batch_isend_irecv(ops)
+    part = lse_attention(q, block[0], block[1], segment_ids, positions, block[2], block[3],
+                         causal=causal, scale=scale)
+    out, lse = part if out is None else merge(out, lse, *part)
+    for request in pending:
+      request.wait()
+    if pending:
+      block = incoming
+  return out.to(q.dtype)
+
+
+def sharded_decode_attention(q, segment_ids, positions, k, v, kv_segment_ids, kv_positions, *,
+                             group=None, scale=None):
+  """New queries [B, Sq, ...] against a KV cache sharded over `group` (this rank's part given).
+
+  Partial softmax per rank, then all-reduce: max of the log-sum-exps, then the sums of the
+  rescaled denominators and numerators. Returns q's dtype; identical on every rank.
+  """
+  out, lse = lse_attention(q, k, v, segment_ids, positions, kv_segment_ids, kv_positions,
+                           causal=True, scale=scale)
+  top = lse.clone()
+  dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+  top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+  weight = torch.exp(lse - top)                               # this shard's share of the sum
+  numerator = out * weight[..., None]
+  dist.all_reduce(weight, group=group)
+  dist.all_reduce(numerator, group=group)
+  return (numerator / weight.clamp_min(1e-30)[..., None]).to(q.dtype)
