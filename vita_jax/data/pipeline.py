@@ -158,6 +158,9 @@ def make_dataset(config, *, seq_shards: int = 1, process_index: int = 0, process
   ds = ds[process_index::process_count].map(make_prepare(config))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=32))
   if data.num_workers > 0:
+    from absl import flags  # grain's workers read absl flags; outside app.run none are parsed
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
   ds = PackIterDataset(
       ds, batch_size=rows, seq_len=data.seq_len,

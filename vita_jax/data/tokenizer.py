@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 from configs.base import CHATML_TOKENS, VISUAL_SPECIAL_TOKENS
 from vita_jax.parallel.mesh import ConfigError
@@ -51,20 +52,33 @@ class Tokenizer:
     return self.backend.id_to_token(int(i))
 
 
+_LOCK = threading.Lock()  # pipeline threads load the tokenizer concurrently on first use
+
+
 @functools.lru_cache(maxsize=4)
+def _load(path: str) -> Tokenizer:
+  if os.path.isfile(os.path.join(path, "tokenizer.json")):
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+    backend = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+  else:  # vocab.json + merges.txt (+ tokenizer_config.json), e.g. the Qwen2.5 release
+    import transformers  # lazy: slow to import
+    from tokenizers import AddedToken
+    backend = transformers.AutoTokenizer.from_pretrained(path).backend_tokenizer
+  absent = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
+  if absent:  # in DESIGN §2 order, so Qwen2.5 gets <img>=151665, </img>=151666, ...
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in absent])
+  return Tokenizer(backend, path)
+
+
 def load_tokenizer(path: str) -> Tokenizer:
   """Load a tokenizer directory and add the visual special tokens where absent."""
   if not path or not os.path.isdir(path):
     raise ConfigError(
         f"tokenizer directory {path!r} not found; set --config.data.tokenizer to a directory "
         "with tokenizer.json (or vocab.json + merges.txt), e.g. a Qwen2.5 tokenizer")
-  import transformers  # lazy: slow to import
-
-  hf = transformers.AutoTokenizer.from_pretrained(path)
-  absent = [t for t in SPECIAL_TOKENS if hf.convert_tokens_to_ids(t) in (None, hf.unk_token_id)]
-  if absent:
-    hf.add_tokens(list(absent), special_tokens=True)
-  return Tokenizer(hf.backend_tokenizer, path)
+  with _LOCK:
+    return _load(path)
 
 
 def check_token_ids(tok: Tokenizer, tokens_cfg) -> None:
