@@ -6,7 +6,8 @@ tokens, any token order (contiguous, zigzag, a KV cache) is handled the same way
 
 `dot_product_attention` is the dense reference: it builds the full [S, S] score matrix and is
 only meant for tests and short sequences. `attention` is what models call: it picks the ring
-(sequence sharded over a mesh axis) or a local kernel.
+(sequence sharded over a mesh axis) or a local kernel (by default the ring's chunked kernel on
+one device; `impl=` selects `jax.nn.dot_product_attention` or a registered Pallas kernel).
 """
 
 from __future__ import annotations
@@ -52,13 +53,63 @@ def dot_product_attention(q, k, v, segment_ids, positions, *, causal: bool = Tru
   return out.reshape(b, sq, hq, d).astype(q.dtype)
 
 
+def _blockwise(q, k, v, segment_ids, positions, *, causal, scale, q_chunk, kv_chunk):
+  from vita_jax.ops.ring_attention import (DEFAULT_KV_CHUNK, DEFAULT_Q_CHUNK,
+                                           blockwise_attention)
+  return blockwise_attention(q, k, v, segment_ids, positions, causal=causal, scale=scale,
+                             q_chunk=q_chunk or DEFAULT_Q_CHUNK,
+                             kv_chunk=kv_chunk or DEFAULT_KV_CHUNK)
+
+
+def _dense(q, k, v, segment_ids, positions, *, causal, scale, q_chunk, kv_chunk):
+  del q_chunk, kv_chunk
+  return dot_product_attention(q, k, v, segment_ids, positions, causal=causal, scale=scale)
+
+
+def _jax_nn(implementation: str):
+  """`jax.nn.dot_product_attention` (XLA or cuDNN flash) with our segment/position mask."""
+
+  def kernel(q, k, v, segment_ids, positions, *, causal, scale, q_chunk, kv_chunk):
+    del q_chunk, kv_chunk
+    mask = attention_mask(segment_ids, positions, segment_ids, positions, causal)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+                                       implementation=implementation)
+    # jax.nn averages V over a fully masked row; our contract is zeros there.
+    return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0).astype(q.dtype)
+
+  return kernel
+
+
+# name -> kernel(q, k, v, segment_ids, positions, *, causal, scale, q_chunk, kv_chunk).
+# "jnp" (default) is the chunked kernel the ring uses, runs everywhere, never builds [S, S].
+LOCAL_KERNELS = {"jnp": _blockwise, "dense": _dense, "xla": _jax_nn("xla"),
+                 "cudnn": _jax_nn("cudnn")}
+
+
+def register_kernel(name: str, kernel) -> None:
+  """Plug in a single-device kernel (e.g. a Pallas flash attention on TPU) under `impl=name`."""
+  LOCAL_KERNELS[name] = kernel
+
+
 def attention(q, k, v, segment_ids, positions, *, mesh: jax.sharding.Mesh | None = None,
               axis: str = "seq", causal: bool = True, scale: float | None = None,
               q_chunk: int | None = None, kv_chunk: int | None = None, impl: str = "jnp"):
-  """The attention models call. With `mesh` whose `axis` has more than one device the
-  sequence is sharded and the ring runs; otherwise the local kernel does."""
+  """The attention models call: q [B,S,Hq,D], k/v [B,S,Hkv,D] -> [B,S,Hq,D].
+
+  With `mesh` whose `axis` has more than one device the sequence is sharded and the ring runs
+  (its inner kernel is the chunked jnp one whatever `impl` says). Otherwise `impl` picks the
+  local kernel from LOCAL_KERNELS: "jnp" (chunked, default), "dense" (the reference), "xla" or
+  "cudnn" (`jax.nn.dot_product_attention`; they build the [S, S] mask, so short sequences only).
+  """
   if mesh is not None and mesh.shape.get(axis, 1) > 1:
-    from vita_jax.ops.ring_attention import ring_attention
+    from vita_jax.ops.ring_attention import (DEFAULT_KV_CHUNK, DEFAULT_Q_CHUNK,
+                                             ring_attention)
     return ring_attention(q, k, v, segment_ids, positions, mesh=mesh, axis=axis, causal=causal,
-                          scale=scale)
-  return dot_product_attention(q, k, v, segment_ids, positions, causal=causal, scale=scale)
+                          scale=scale, q_chunk=q_chunk or DEFAULT_Q_CHUNK,
+                          kv_chunk=kv_chunk or DEFAULT_KV_CHUNK)
+  if impl not in LOCAL_KERNELS:
+    raise ValueError(f"attention impl={impl!r} is unknown; use one of {sorted(LOCAL_KERNELS)} "
+                     "or register one with vita_jax.ops.attention.register_kernel")
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  return LOCAL_KERNELS[impl](q, k, v, segment_ids, positions, causal=causal, scale=scale,
+                             q_chunk=q_chunk, kv_chunk=kv_chunk)
