@@ -97,11 +97,15 @@ def attention(q, k, v, segment_ids, positions, *, mesh: jax.sharding.Mesh | None
   """The attention models call: q [B,S,Hq,D], k/v [B,S,Hkv,D] -> [B,S,Hq,D].
 
   With `mesh` whose `axis` has more than one device the sequence is sharded and the ring runs
-  (its inner kernel is the chunked jnp one whatever `impl` says). Otherwise `impl` picks the
+  (its inner kernel is the chunked jnp one whatever `impl` says); on other multi-device meshes
+  the "jnp" kernel runs per device inside the same shard_map. Otherwise `impl` picks the
   local kernel from LOCAL_KERNELS: "jnp" (chunked, default), "dense" (the reference), "xla" or
   "cudnn" (`jax.nn.dot_product_attention`; they build the [S, S] mask, so short sequences only).
   """
-  if mesh is not None and mesh.shape.get(axis, 1) > 1:
+  if mesh is not None and axis in mesh.shape and (mesh.shape[axis] > 1 or
+                                                   (mesh.size > 1 and impl == "jnp")):
+    # On a multi-device mesh without sequence sharding this is the ring with one shard:
+    # the same kernel, run per device on its batch/head shard.
     from vita_jax.ops.ring_attention import (DEFAULT_KV_CHUNK, DEFAULT_Q_CHUNK,
                                              ring_attention)
     return ring_attention(q, k, v, segment_ids, positions, mesh=mesh, axis=axis, causal=causal,
