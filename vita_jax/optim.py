@@ -15,14 +15,22 @@ import optax
 
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup over `warmup_fraction` of the steps, then cosine from peak to min LR."""
-  warmup = max(1, int(round(train.warmup_fraction * train.steps)))
-  decay_steps = max(train.steps, warmup + 1)
+  """Linear warmup to the peak over `warmup_fraction` of the steps (the first step already
+  uses peak/warmup, not 0), then cosine from peak to min LR at the last step."""
   if train.schedule != "cosine":
     raise ValueError(f"train.schedule={train.schedule!r} is not supported; use 'cosine'")
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=train.peak_lr, warmup_steps=warmup,
-      decay_steps=decay_steps, end_value=train.min_lr)
+  warmup = max(1, int(round(train.warmup_fraction * train.steps)))
+  decay = max(1, train.steps - warmup)
+  peak, low = float(train.peak_lr), float(train.min_lr)
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    warm = peak * (count + 1) / warmup
+    progress = jnp.clip((count + 1 - warmup) / decay, 0.0, 1.0)
+    cosine = low + (peak - low) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    return jnp.where(count + 1 < warmup, warm, cosine)
+
+  return schedule
 
 
 def lr_multipliers(params, logical_axes, train: ml_collections.ConfigDict):

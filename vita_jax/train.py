@@ -11,6 +11,8 @@ before exiting. Overrides: `--config.train.steps=50 --config.mesh.seq=4 ...`.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import os
 import signal
 import sys
@@ -49,21 +51,56 @@ def maybe_initialize_distributed() -> None:
 
 
 def build_model(config, mesh):
+  """A freshly initialised model whose parameters are created already sharded on `mesh`.
+
+  Initialisation runs as one jitted program (cached per model config, seed and mesh): no
+  device ever holds the unsharded model, and there is no per-parameter eager dispatch.
+  """
+  from flax import nnx
+  graphdef, init = _initializer(config.model.to_json(), int(config.train.seed), mesh)
+  return nnx.merge(graphdef, init())
+
+
+@functools.lru_cache(maxsize=8)
+def _initializer(model_json: str, seed: int, mesh):
+  import ml_collections
   from flax import nnx
 
   from vita_jax.models.vlm import LongVITA
-  return LongVITA(config.model, rngs=nnx.Rngs(config.train.seed), mesh=mesh)
+  from vita_jax.parallel.sharding import state_shardings
+  model_cfg = ml_collections.ConfigDict(json.loads(model_json))
+
+  def create():
+    return LongVITA(model_cfg, rngs=nnx.Rngs(seed), mesh=mesh)
+
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
+  out = state_shardings(abstract_state, mesh) if mesh is not None else None
+  return graphdef, jax.jit(lambda: nnx.split(create())[1], out_shardings=out)
 
 
 def load_initial_weights(config, model) -> None:
-  """Apply `init_from` / `init_from_llm` / `init_from_vision` to a fresh model, in place."""
-  from vita_jax import init_weights
+  """Apply `init_from` / `init_from_llm` / `init_from_vision` to a fresh model, in place.
+
+  `init_from` is a previous stage's workdir or an HF directory (either layout) and must cover
+  every parameter; the stage-1 sources cover only the LLM or the vision tower.
+  """
+  from vita_jax import workdir as wd
   if config.init_from:
-    init_weights.load_into(model, config.init_from, report_prefix="init_from")
-  if config.init_from_llm:
-    init_weights.load_llm_into(model, config.init_from_llm)
-  if config.init_from_vision:
-    init_weights.load_vision_into(model, config.init_from_vision)
+    if not os.path.exists(config.init_from):
+      raise ConfigError(f"init_from={config.init_from!r} does not exist; pass a previous "
+                        "stage's workdir or a Hugging Face checkpoint directory")
+    weights = (wd.read_workdir_params(config.init_from) if wd.is_workdir(config.init_from)
+               else _hf_weights(config.init_from))
+    wd.assign_params(model, weights, source=config.init_from, require_all=True)
+  for path, part in ((config.init_from_llm, "llm"), (config.init_from_vision, "vision")):
+    if path:
+      weights = _hf_weights(path, part=part)
+      wd.assign_params(model, weights, source=path, prefix=(part,), require_all=True)
+
+
+def _hf_weights(path: str, part: str | None = None) -> dict:
+  from vita_jax import checkpoint_hf
+  return checkpoint_hf.read_weights_for_model(path, part=part)
 
 
 def _stack_micro_batches(micro: list[dict]) -> tuple[dict, dict]:
@@ -88,8 +125,9 @@ def _global_batch(stacked: dict, mesh) -> dict:
   return out
 
 
-def train(config, workdir: str) -> dict:
-  """Run (or resume) training; returns the last logged metrics."""
+def train(config, workdir: str, devices=None) -> dict:
+  """Run (or resume) training; returns the last logged metrics. `devices` (default: all)
+  lets tests compare meshes of different sizes in one process."""
   import optax  # noqa: F401  (import cost only when training)
   from tqdm import tqdm
 
@@ -100,12 +138,16 @@ def train(config, workdir: str) -> dict:
   from vita_jax.metrics import MetricsWriter
 
   maybe_initialize_distributed()
-  shape = config_lib.validate(config, jax.device_count())
-  mesh = make_mesh(config.mesh)
+  devices = list(jax.devices() if devices is None else devices)
+  shape = config_lib.validate(config, len(devices))
+  mesh = make_mesh(config.mesh, devices)
   primary = jax.process_index() == 0
   train_cfg = config.train
   accum = int(train_cfg.grad_accum)
 
+  if primary:
+    from vita_jax.workdir import save_config
+    save_config(config, workdir)
   model = build_model(config, mesh)
   load_initial_weights(config, model)
   split, params, frozen = train_state.split_model(model, tuple(train_cfg.trainable))
@@ -143,7 +185,7 @@ def train(config, workdir: str) -> dict:
     print(f"resumed from {ckpt.directory} at step {start_step}", flush=True)
   writer = MetricsWriter(workdir, enabled=primary, resume_step=start_step)
 
-  peak = float(train_cfg.peak_tflops_per_device) * 1e12 * jax.device_count()
+  peak = float(train_cfg.peak_tflops_per_device) * 1e12 * len(devices)
   if peak <= 0:
     peak = flops_lib.measure_peak_flops()
     print(f"measured peak: {peak / 1e9:.1f} GFLOP/s (fp32 matmul, whole machine)", flush=True)

@@ -88,7 +88,7 @@ def make_train_step(split: Split, tx: optax.GradientTransformation, schedule,
                    positions=micro["positions"], segment_ids=micro["segment_ids"],
                    return_hidden=True)
     loss_sum, count = chunked_cross_entropy(hidden, model.lm_head_weight(), micro["labels"],
-                                            chunk_size=chunk, z_loss=z_loss)
+                                            chunk_size=chunk, z_loss=z_loss, mesh=model.mesh)
     return loss_sum, count
 
   grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
