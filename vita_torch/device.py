@@ -46,6 +46,11 @@ def device_count(kind: str) -> int:
   raise ValueError(f"unknown device kind {kind!r}; use one of npu, cuda, cpu")
 
 
+def auto_kind() -> str:
+  """The device kind "auto" means here: npu, else cuda, else cpu."""
+  return "npu" if npu_available() else "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_device(device: str | torch.device = "auto", local_rank: int | None = None
                    ) -> torch.device:
   """A `torch.device` for "auto" | "npu" | "cuda" | "cpu" (an index such as "cuda:1" is kept).
@@ -60,7 +65,7 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int | None =
     raise ValueError(f"device {device!r} is not one of {', '.join(KINDS)} (optionally with "
                      "':index', e.g. 'cuda:0')")
   if kind == "auto":
-    kind = "npu" if npu_available() else "cuda" if torch.cuda.is_available() else "cpu"
+    kind = auto_kind()
     log.warning("vita_torch: device='auto' picked %s", kind)
   elif kind == "npu" and not npu_available():
     reason = ("torch_npu is not installed" if not _import_torch_npu()

@@ -180,7 +180,8 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int,
         return sharded_decode_attention(q, step_seg, step_pos, kc, vc, kseg, kpos, group=group)
       return dense_attention(q, kc, vc, step_seg, step_pos, kseg, kpos)
 
-    hidden = model.decode(model.embed(token[:, None]), step_pos, attend_step)
+    step_ids = token if eos_id is None else torch.where(done, eos_id, token)   # a valid id
+    hidden = model.decode(model.embed(step_ids[:, None]), step_pos, attend_step)
     cache.commit()
     logits = model.logits(hidden[:, -1]).float()
   return torch.stack(tokens, 1)
