@@ -1,0 +1,274 @@
+"""Analytic per-device memory of one training step, from the config and a mesh shape alone.
+
+Parameters are listed with their logical axes exactly as the models create them and sharded by
+`parallel.sharding.logical_to_spec`, so their bytes are exact. Activations are counted per
+decoder / vision layer from the tensors the backward pass keeps under `model.remat`, plus the
+largest short-lived buffers (one layer's recomputation, FSDP-gathered weights, attention tiles,
+the LM-head chunk). `vita_jax.plan --check` compares the result with XLA's own figures.
+
+All sizes are bytes per device. Token counts per device: batch over data*fsdp, sequence over seq.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import ml_collections
+
+from configs.base import tokens_per_tile
+from vita_jax.parallel.sharding import logical_to_spec
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class MeshShape(NamedTuple):
+  """Stands in for a `jax.sharding.Mesh` where only `.shape` is read (no devices needed)."""
+  shape: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+  module: str                      # "vision" | "projector" | "llm"
+  name: str
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+
+
+def param_table(model: ml_collections.ConfigDict) -> list[ParamInfo]:
+  """Every parameter of LongVITA with its shape and logical axes (mirrors vita_jax/models)."""
+  v, t, pr = model.vision, model.llm, model.projector
+  out: list[ParamInfo] = []
+
+  def add(module, name, shape, axes):
+    out.append(ParamInfo(module, name, tuple(int(s) for s in shape), tuple(axes)))
+
+  d, p, n, h, m = v.hidden_size, v.patch_size, v.num_layers, v.num_heads, v.mlp_dim
+  side = v.image_size // p
+  add("vision", "patch_kernel", (p, p, 3, d), ("conv",) * 3 + ("vision_embed",))
+  add("vision", "patch_bias", (d,), ("vision_embed",))
+  add("vision", "cls_token", (d,), ("vision_embed",))
+  add("vision", "pos_embed", (1 + side * side, d), ("positions", "vision_embed"))
+  for name in ("norm1_scale", "norm1_bias", "ls1", "norm2_scale", "norm2_bias", "ls2"):
+    add("vision", f"layers.{name}", (n, d), ("layers", "norm"))
+  add("vision", "layers.qkv_kernel", (n, d, 3, h, d // h),
+      ("layers", "vision_embed", None, "vision_heads", "head_dim"))
+  add("vision", "layers.qkv_bias", (n, 3, h, d // h), ("layers", None, "vision_heads", "head_dim"))
+  add("vision", "layers.proj_kernel", (n, h, d // h, d),
+      ("layers", "vision_heads", "head_dim", "vision_embed"))
+  for name in ("proj_bias", "fc2_bias"):
+    add("vision", f"layers.{name}", (n, d), ("layers", "vision_embed"))
+  add("vision", "layers.fc1_kernel", (n, d, m), ("layers", "vision_embed", "vision_mlp"))
+  add("vision", "layers.fc1_bias", (n, m), ("layers", "vision_mlp"))
+  add("vision", "layers.fc2_kernel", (n, m, d), ("layers", "vision_mlp", "vision_embed"))
+
+  d_in = d * round(1 / model.downsample_ratio) ** 2
+  add("projector", "norm_scale", (d_in,), ("norm",))
+  add("projector", "norm_bias", (d_in,), ("norm",))
+  add("projector", "fc1_kernel", (d_in, pr.hidden_size), ("vision_embed", "mlp"))
+  add("projector", "fc2_kernel", (pr.hidden_size, t.hidden_size), ("mlp", "embed"))
+  if pr.bias:
+    add("projector", "fc1_bias", (pr.hidden_size,), ("mlp",))
+    add("projector", "fc2_bias", (t.hidden_size,), ("embed",))
+
+  n, d, f = t.num_layers, t.hidden_size, t.ffn_dim
+  hq, hkv, hd = t.num_heads, t.num_kv_heads, t.head_dim
+  add("llm", "embedding", (t.vocab_size, d), ("vocab", "embed"))
+  add("llm", "layers.attn_norm", (n, d), ("layers", "norm"))
+  add("llm", "layers.mlp_norm", (n, d), ("layers", "norm"))
+  add("llm", "layers.q_kernel", (n, d, hq, hd), ("layers", "embed", "heads", "head_dim"))
+  add("llm", "layers.q_bias", (n, hq, hd), ("layers", "heads", "head_dim"))
+  for name in ("k", "v"):
+    add("llm", f"layers.{name}_kernel", (n, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"))
+    add("llm", f"layers.{name}_bias", (n, hkv, hd), ("layers", "kv_heads", "head_dim"))
+  add("llm", "layers.o_kernel", (n, hq, hd, d), ("layers", "heads", "head_dim", "embed"))
+  for name in ("gate", "up"):
+    add("llm", f"layers.{name}_kernel", (n, d, f), ("layers", "embed", "mlp"))
+  add("llm", "layers.down_kernel", (n, f, d), ("layers", "mlp", "embed"))
+  add("llm", "final_norm", (d,), ("norm",))
+  if not t.tie_embeddings:
+    add("llm", "lm_head", (d, t.vocab_size), ("embed", "vocab"))
+  return out
+
+
+def local_elements(shape, axes, mesh_shape: dict) -> int:
+  """Elements of one device's shard of an array with these logical axes."""
+  spec = logical_to_spec(axes, MeshShape(mesh_shape), shape)
+  count = 1
+  for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    count *= size // math.prod(mesh_shape[a] for a in names)
+  return count
+
+
+def _split(n: int, mesh_shape: dict, axes: tuple[str, ...]) -> int:
+  """Per-device share of a dimension of size n over mesh axes (replicated where not divisible,
+  as logical_to_spec does)."""
+  share = n
+  for a in axes:
+    if share % mesh_shape.get(a, 1) == 0:
+      share //= mesh_shape.get(a, 1)
+  return share
+
+
+def tile_budget(config: ml_collections.ConfigDict) -> int:
+  """Tiles (frames) per global micro-batch: the static pixel budget the data pipeline uses."""
+  data = config.data
+  rows = data.global_batch_size // max(int(config.train.grad_accum), 1)
+  if data.tiles_per_batch:
+    return int(data.tiles_per_batch)
+  return rows * max(1, data.seq_len // (tokens_per_tile(config.model) + 2))
+
+
+def tokens_per_device(config: ml_collections.ConfigDict, mesh_shape: dict) -> int:
+  """Decoder tokens one device holds in a micro-batch (batch over data*fsdp, length over seq)."""
+  rows = config.data.global_batch_size // max(int(config.train.grad_accum), 1)
+  return _split(rows, mesh_shape, ("data", "fsdp")) * _split(config.data.seq_len, mesh_shape,
+                                                                ("seq",))
+
+
+def attention_kernel(mesh_shape: dict) -> str:
+  """Which kernel `ops.attention.attention` runs: the ring when seq is sharded, else dense."""
+  return "ring" if mesh_shape.get("seq", 1) > 1 else "dense"
+
+
+@dataclasses.dataclass
+class Estimate:
+  """Bytes per device. `kept` rows live through the whole step; the peak adds the larger of the
+  two phases' short-lived buffers (vision tower first, then the decoder and LM head)."""
+  kept: dict[str, float]
+  vision_phase: dict[str, float]
+  llm_phase: dict[str, float]
+  arguments: float                 # what XLA calls argument bytes (state + batch)
+
+  @property
+  def peak(self) -> float:
+    return sum(self.kept.values()) + max(sum(self.vision_phase.values()),
+                                         sum(self.llm_phase.values()))
+
+  @property
+  def temp(self) -> float:
+    return self.peak - self.arguments
+
+
+def estimate(config: ml_collections.ConfigDict, mesh_shape: dict) -> Estimate:
+  """Per-device memory of one training step of `config` on a mesh of `mesh_shape`."""
+  model, train, data = config.model, config.train, config.data
+  ms = {a: int(mesh_shape.get(a, 1)) for a in ("data", "fsdp", "seq", "tensor")}
+  pbytes, c = BYTES[model.param_dtype], BYTES[model.compute_dtype]
+  trainable = set(train.trainable)
+  accum = max(int(train.grad_accum), 1)
+
+  # Parameters, gradients, Adam moments: exact from the table.
+  table = param_table(model)
+  local = {(p.module, p.name): local_elements(p.shape, p.axes, ms) for p in table}
+  n_train = sum(n for (mod, _), n in local.items() if mod in trainable)
+  n_all = sum(local.values())
+  kept = {"params (master, all modules)": n_all * pbytes,
+          "optimizer (Adam mu + nu)": 2 * n_train * 4}
+
+  t = model.llm
+  rows = data.global_batch_size // accum
+  b = _split(rows, ms, ("data", "fsdp"))
+  s = _split(data.seq_len, ms, ("seq",))
+  tok = b * s                                        # decoder tokens per device
+  hq, hkv = _split(t.num_heads, ms, ("tensor",)), _split(t.num_kv_heads, ms, ("tensor",))
+  hd, d, f = t.head_dim, t.hidden_size, _split(t.ffn_dim, ms, ("tensor",))
+  vocab = _split(t.vocab_size, ms, ("tensor",))
+  llm_grads = "llm" in trainable
+  needs_backward = bool(trainable & {"vision", "projector", "llm"})
+
+  # Gradients: fp32 like the master params (plus an accumulator with grad_accum > 1); a scanned
+  # layer stack's cotangent is built in the compute dtype first.
+  layer_elems = sum(n for (mod, name), n in local.items() if mod == "llm" and "layers." in name)
+  grads = n_train * 4 * (2 if accum > 1 else 1)
+  if llm_grads and c != 4:
+    grads += layer_elems * c
+  kept["gradients"] = grads
+  # Compute-dtype copies of the stacked layer weights (layer_params() casts the whole stack).
+  if c != pbytes:
+    kept["layer weights in compute dtype"] = layer_elems * c
+
+  # The batch: token arrays split like activations; pixels replicated (as train.py feeds them).
+  tiles = tile_budget(config)
+  v = model.vision
+  pixels = tiles * v.image_size ** 2 * 3 * 4
+  kept["batch inputs"] = accum * (4 * tok * 4 + pixels)
+  arguments = kept["params (master, all modules)"] + kept["optimizer (Adam mu + nu)"] + \
+      kept["batch inputs"]
+
+  # Decoder activations kept for the backward pass, per layer and per token (the set XLA keeps
+  # for this code: residual stream, norms, q/k/v before and after RoPE, attention output, and
+  # gate, up, silu(gate), their product and the sigmoid).
+  layer_all = (6 * d + 4 * hq * hd + 2 * hkv * hd + 5 * f) * c + 4 * hq
+  policy = model.remat if needs_backward else "none"
+  saved_per_token = {"none": layer_all, "full": d * c,
+                     "dots": 3 * d * c + (hq + 2 * hkv) * hd * c + 2 * f * c}[policy]
+  kernel = attention_kernel(ms)
+  dense_scores = b * hq * s * s
+  layers = t.num_layers
+  kept_llm = {}
+  if needs_backward:
+    kept_llm[f"decoder activations (remat={policy})"] = layers * tok * saved_per_token
+    if kernel == "dense" and policy == "none":
+      kept_llm["decoder activations (remat=none)"] += layers * dense_scores * (4 + 1)
+    kept_llm["rope tables + hidden cotangent"] = tok * (2 * hd * 4 + d * 4)
+
+  # Short-lived buffers of the decoder phase.
+  fsdp_gather = 0.0
+  if ms["fsdp"] > 1:   # one layer's weights gathered over fsdp (double-buffered)
+    per_layer = layer_elems / layers
+    fsdp_gather = 2 * per_layer * ms["fsdp"] * c + (per_layer * ms["fsdp"] * 4 if llm_grads else 0)
+  recompute = tok * layer_all if (needs_backward and policy != "none") else 0.0
+  if kernel == "ring":
+    cq = min(int(model.attention.q_chunk), s)
+    ck = min(int(model.attention.kv_chunk), s)
+    attn = 4 * tok * hkv * hd * c + (4 * tok * hkv * hd * 4 if needs_backward else 0)
+    attn += 5 * b * cq * hq * ck * 4       # scores, probabilities, dP, dS, mask in flight
+  else:
+    attn = 3 * dense_scores * 4
+  chunk = min(int(train.lm_head_chunk), tok)
+  buffer = math.ceil(tok / chunk) * chunk
+  # Logits and their gradient for one chunk, the gathered rows, and the fp32 head-weight gradient
+  # accumulated across chunks when the LLM trains.
+  lm_head = 2 * chunk * vocab * 4 + buffer * d * (c + 4) + (d * vocab * 4 if llm_grads else 0)
+  llm_phase = dict(kept_llm)
+  llm_phase["decoder layer working set"] = recompute + fsdp_gather
+  llm_phase["attention blocks"] = attn
+  if lm_head > recompute + fsdp_gather + attn:     # the LM head runs between fwd and bwd
+    llm_phase["decoder layer working set"] = 0.0
+    llm_phase["attention blocks"] = 0.0
+    llm_phase["LM head chunk"] = lm_head
+  else:
+    llm_phase["LM head chunk"] = 0.0
+
+  # Vision tower + projector + merged features.
+  n_tok = (v.image_size // v.patch_size) ** 2 + 1
+  tiles_local = _split(tiles, ms, ("data", "fsdp", "seq"))
+  vh = _split(v.num_heads, ms, ("tensor",))
+  vm = _split(v.mlp_dim, ms, ("tensor",))
+  vis_layer = tiles_local * n_tok * ((11 * v.hidden_size + 3 * vm) * c + 4 * vh * n_tok)
+  vis_transient = tiles_local * (n_tok * (4 * v.hidden_size * c + 2 * vm * c) +
+                                 2 * vh * n_tok * n_tok * 4)
+  tpt = tokens_per_tile(model)
+  proj = tiles_local * tpt * (2 * 4 * v.hidden_size * c + 2 * model.projector.hidden_size * c)
+  features = tiles * tpt * d * c        # gathered to place them at the context tokens
+  vision_phase = {}
+  # Patchifying the replicated pixels happens on every device: the [tiles*patches, p*p*3]
+  # matrix and its gathered copy; kept for the patch-embedding gradient when vision trains.
+  patchify = 2 * pixels
+  if "vision" in trainable:
+    kept["patchified pixels"] = patchify
+    saved = {"none": vis_layer, "full": tiles_local * n_tok * v.hidden_size * c,
+             "dots": vis_layer / 2}[model.remat]
+    kept["vision activations"] = v.num_layers * saved + proj
+    vision_phase["vision layer working set"] = vis_layer if model.remat != "none" else 0.0
+  else:
+    if "projector" in trainable:
+      kept["projector activations"] = proj
+    vision_phase["vision layer working set"] = vis_transient
+    vision_phase["patchified pixels"] = patchify
+  vision_phase["visual features"] = features
+  llm_phase["visual features"] = features
+  return Estimate(kept, vision_phase, llm_phase, arguments)
