@@ -220,3 +220,31 @@ def test_demo_batch_is_learnable(demo_root):
   assert not np.isin(targets, context).any()
   n_ctx = np.isin(batch["input_ids"], context).sum()
   assert n_ctx == 4 * batch["num_tiles"]                           # one tile per 4 tokens
+
+
+def test_sample_over_the_tile_budget_is_counted():
+  rng = np.random.default_rng(1)
+  samples = [synthetic(1, 5, 1, rng), synthetic(2, 5, 4, rng), synthetic(3, 5, 1, rng)]
+  ds = PackIterDataset(grain.MapDataset.source(samples).to_iter_dataset(), batch_size=1,
+                       seq_len=32, tile_budget=3, tile=2, pad_id=0, reset_positions=True)
+  batches = list(ds)
+  assert batches[-1]["skipped/too_many_tiles"] == 1 and batches[-1]["samples_read"] == 3
+  assert sum(b["num_samples"] for b in batches) == 2
+
+
+def test_truncate_long_sample_at_turn_boundary(demo_root):
+  config = tiny(demo_root, seq_len=64, truncate_long_samples=True)
+  turns = []
+  for k in range(6):
+    turns += [{"role": "user", "content": f"What is {k} plus {k}?"},
+              {"role": "assistant", "content": str(2 * k)}]
+  record = {"text": json.dumps({"messages": turns}), "file": "x.jsonl", "line": 1,
+            "source": "x"}
+  out = pipeline.make_prepare(config)(record)
+  tok = load_tokenizer(config.data.tokenizer)
+  assert "skip" not in out and len(out["input_ids"]) <= 64
+  text = tok.decode(out["input_ids"])
+  assert text.endswith("<|im_end|>\n") and text.count("<|im_start|>assistant") >= 1
+  assert text.count("<|im_start|>") % 2 == 0                 # whole user/assistant pairs
+  config.data.truncate_long_samples = False
+  assert pipeline.make_prepare(config)(record)["skip"] == "too_long"
