@@ -270,7 +270,8 @@ def _runner(model, seq_shards: int) -> _Runner:
   devices = jax.devices()
   if not 1 <= seq_shards <= len(devices):
     raise ConfigError(f"seq_shards={seq_shards} needs that many devices but {len(devices)} are "
-                      f"available; use --seq_shards between 1 and {len(devices)}")
+                      f"available; use --seq_shards between 1 and {len(devices)} (on CPU, fake devices come "
+                      "from XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   per_model = _RUNNERS.setdefault(model, {})
   if seq_shards not in per_model:
     mesh = make_mesh({"data": 1, "fsdp": 1, "seq": seq_shards, "tensor": 1},
@@ -417,6 +418,110 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int, seq_sh
   return out
 
 
+# ----------------------------------------------------------------------------- command line
+
+
+def load_for_inference(path: str, *, tokenizer: str = "", dtype: str | None = None):
+  """(model, tokenizer) from a training workdir (config.json + checkpoints/) or an HF dir."""
+  import os
+
+  from vita_jax import workdir as workdir_lib
+  from vita_jax.data.tokenizer import load_tokenizer
+  if workdir_lib.is_workdir(path):
+    model, config = workdir_lib.load_model_from_workdir(path, dtype=dtype)
+    candidates = [tokenizer, config.data.tokenizer, os.path.join(path, "tokenizer")]
+  elif os.path.isfile(os.path.join(path, "config.json")):
+    import vita_jax
+    model = vita_jax.load_pretrained(path, dtype=dtype or "float32")
+    candidates = [tokenizer, path]
+  else:
+    raise ConfigError(f"--model={path!r} is neither a training workdir (with checkpoints/) nor "
+                      "a Hugging Face directory (with config.json)")
+  found = next((c for c in candidates if c and os.path.isdir(c)), None)
+  if found is None:
+    raise ConfigError(f"no tokenizer found for {path!r} (tried {[c for c in candidates if c]});"
+                      " pass --tokenizer=DIR")
+  return model, load_tokenizer(found)
+
+
+def build_prompt(model, tok, prompt: str, images=(), video: str = "", max_frames: int = 64,
+                 frames=None):
+  """A one-turn ChatML prompt ending with `<|im_start|>assistant\n` -> (ids int32 [1, S],
+  pixel_values [tiles, H, W, 3] or None). `frames` (uint8 [N, h, w, 3]) is a video in memory."""
+  from PIL import Image
+
+  from configs.base import tokens_per_tile
+  from vita_jax.data import image as image_lib
+  from vita_jax.data import video as video_lib
+  from vita_jax.data.conversation import encode_conversation
+  cfg = model.config
+  tile, max_tiles = cfg.vision.image_size, cfg.max_tiles
+  pictures = [image_lib.load_image(p) for p in images]
+  clips = []
+  if video:
+    clips.append(video_lib.load_video(video, tile, max_frames))
+  if frames is not None:
+    clips.append(image_lib.normalize(np.stack(
+        [image_lib.resize_square(Image.fromarray(f), tile) for f in frames])))
+  grids = [image_lib.grid_of(p.size, tile, max_tiles) for p in pictures]
+  enc = encode_conversation([{"role": "user", "content": prompt}], tok, tokens_per_tile(cfg),
+                            grids, [len(c) for c in clips])
+  ids = list(enc.ids) + [tok.ids["<|im_start|>"]] + tok.encode("assistant\n")
+  pixels = [image_lib.dynamic_tiles(pictures[i], tile, max_tiles) if kind == "image"
+            else clips[i] for kind, i in enc.visual_order]
+  pixels = np.concatenate(pixels).astype(np.float32) if pixels else None
+  return np.asarray([ids], np.int32), pixels
+
+
+def main(argv):
+  import sys
+  import time
+
+  from absl import flags
+  f = flags.FLAGS
+  model, tok = load_for_inference(f.model, tokenizer=f.tokenizer, dtype=f.dtype)
+  ids, pixels = build_prompt(model, tok, f.prompt, f.image or (), f.video, f.max_frames)
+  eos = int(model.config.tokens.eos_id)
+  got, stamps, shown = [], [], [""]
+
+  def on_token(_, tokens):
+    stamps.append(time.perf_counter())
+    got.append(int(tokens[0]))
+    text = tok.decode([t for t in got if t != eos], skip_special_tokens=True)
+    sys.stdout.write(text[len(shown[0]):])
+    sys.stdout.flush()
+    shown[0] = text
+
+  timings: dict = {}
+  generate(model, ids, pixels, max_new_tokens=f.max_new_tokens, seq_shards=f.seq_shards,
+           temperature=f.temperature, top_p=f.top_p, top_k=f.top_k, eos_id=eos, seed=f.seed,
+           on_token=on_token, timings=timings)
+  # The first decode step includes its compilation: the rate is over the steps after it.
+  steady = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else float("nan")
+  tiles = 0 if pixels is None else len(pixels)
+  print(f"\n[prompt {timings['prompt_tokens']} tokens ({tiles} tiles/frames, bucket "
+        f"{timings['bucket']}, seq_shards={f.seq_shards}) | prefill {timings['prefill_s']:.2f} s "
+        f"(incl. compile) | {len(got)} new tokens, decode {steady:.1f} tokens/s]", flush=True)
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("model", None, "training workdir or Hugging Face directory", required=True)
+  flags.DEFINE_string("prompt", None, "the user's question", required=True)
+  flags.DEFINE_multi_string("image", [], "image file(s), in order")
+  flags.DEFINE_string("video", "", "video file or directory of frames")
+  flags.DEFINE_integer("max_frames", 64, "at most this many video frames (1 fps)")
+  flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most")
+  flags.DEFINE_integer("seq_shards", 1, "devices the prompt (and its KV cache) is sharded over")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+  flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
+  flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)")
+  flags.DEFINE_integer("seed", 0, "sampling seed")
+  flags.DEFINE_string("tokenizer", "", "tokenizer directory (default: the model's)")
+  flags.DEFINE_string("dtype", None, "compute dtype override, e.g. float32")
+
+
 if __name__ == "__main__":
-  from vita_jax.generate_cli import main
-  main()
+  from vita_jax import cli
+  _define_flags()
+  cli.run(main)
