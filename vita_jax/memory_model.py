@@ -80,7 +80,8 @@ def param_table(model: ml_collections.ConfigDict) -> list[ParamInfo]:
   add("llm", "layers.q_kernel", (n, d, hq, hd), ("layers", "embed", "heads", "head_dim"))
   add("llm", "layers.q_bias", (n, hq, hd), ("layers", "heads", "head_dim"))
   for name in ("k", "v"):
-    add("llm", f"layers.{name}_kernel", (n, d, hkv, hd), ("layers", "embed", "kv_heads", "head_dim"))
+    add("llm", f"layers.{name}_kernel", (n, d, hkv, hd),
+        ("layers", "embed", "kv_heads", "head_dim"))
     add("llm", f"layers.{name}_bias", (n, hkv, hd), ("layers", "kv_heads", "head_dim"))
   add("llm", "layers.o_kernel", (n, hq, hd, d), ("layers", "heads", "head_dim", "embed"))
   for name in ("gate", "up"):

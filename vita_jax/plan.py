@@ -22,9 +22,8 @@ from collections.abc import Iterator
 import ml_collections
 from absl import flags
 
-from vita_jax import cli
+from vita_jax import cli, memory_model
 from vita_jax import config as config_lib
-from vita_jax import memory_model
 from vita_jax.parallel.mesh import MESH_AXES, ConfigError, resolve_mesh_shape
 
 GIB = 1024 ** 3
@@ -39,7 +38,8 @@ _DEVICES = flags.DEFINE_integer("devices", None, "Number of devices; default: se
                                 "smallest power-of-two mesh that fits.")
 _MESH = flags.DEFINE_string("mesh", "", "Mesh axis sizes, e.g. data:1,fsdp:8,seq:8,tensor:1 "
                             "(missing axes are 1; one may be -1 with --devices).")
-_HBM = flags.DEFINE_float("hbm_gb", None, "Memory per device in GiB (default: --device's, else 95).")
+_HBM = flags.DEFINE_float("hbm_gb", None,
+                          "Memory per device in GiB (default: --device's, else 95).")
 _DEVICE = flags.DEFINE_enum("device", None, list(DEVICES), "Accelerator preset: sets "
                             "--hbm_gb and the peak FLOP/s used for the step-time estimate.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
@@ -141,7 +141,8 @@ def format_table(config, shape, est: memory_model.Estimate, hbm_bytes: float,
       f"{d.global_batch_size} (grad_accum {t.grad_accum}) · trainable {'+'.join(t.trainable)} · "
       f"remat {m.remat} · {m.compute_dtype} compute",
       f"mesh {describe(shape)} · {tok:,} tokens/device · attention "
-      f"{memory_model.attention_kernel(shape)} · {memory_model.tile_budget(config)} tiles/micro-batch",
+      f"{memory_model.attention_kernel(shape)} · "
+      f"{memory_model.tile_budget(config)} tiles/micro-batch",
       "",
       f"  {'per-device memory':<44}{'GiB':>9}",
   ]
