@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 REMAT_POLICIES = ("none", "full", "dots")
@@ -31,17 +32,19 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None
   if len(axes) != len(shape):
     raise ValueError(f"logical axes {tuple(axes)} do not match shape {shape}")
   dtype = dtype_of(dtype)
-  if init == "normal":
-    data = std * jax.random.normal(rngs.params(), shape, jnp.float32)
-  elif init == "zeros":
-    data = jnp.zeros(shape, jnp.float32)
-  elif init == "ones":
-    data = jnp.ones(shape, jnp.float32)
-  elif init == "const":
-    data = jnp.full(shape, value, jnp.float32)
-  else:
+  if init not in ("normal", "zeros", "ones", "const"):
     raise ValueError(f"unknown init {init!r}")
-  return nnx.Param(data.astype(dtype), logical_axes=tuple(axes))
+  key = rngs.params() if init == "normal" else None
+  if isinstance(key, jax.core.Tracer):   # under jit / eval_shape: stay in jax
+    data = std * jax.random.normal(key, shape, jnp.float32)
+    return nnx.Param(data.astype(dtype), logical_axes=tuple(axes))
+  # Eagerly, numpy: jax would compile one kernel per parameter shape (tens of seconds on CPU).
+  if init == "normal":
+    seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+    data = std * np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+  else:
+    data = np.full(shape, {"zeros": 0.0, "ones": 1.0, "const": value}[init], np.float32)
+  return nnx.Param(jnp.asarray(data.astype(dtype)), logical_axes=tuple(axes))
 
 
 def layer_norm(x, scale, bias, eps: float):

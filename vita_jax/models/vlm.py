@@ -71,10 +71,25 @@ class LongVITA(nnx.Module):
     """Token embeddings with visual features placed at the context tokens. [B, S, D]."""
     x = self.llm.embed(input_ids)
     if pixel_values is not None and pixel_values.shape[0] > 0:
+      concrete = not _is_traced(input_ids)
+      if concrete:    # fail before running the vision tower
+        self._check_counts(input_ids, pixel_values.shape)
       features = self.image_features(pixel_values)
-      x = merge_visual_features(x, input_ids, features, self.context_ids,
-                                check=not _is_traced(input_ids))
+      x = merge_visual_features(x, input_ids, features, self.context_ids, check=concrete)
     return x
+
+  def tokens_per_tile(self, tile_side: int) -> int:
+    patches = tile_side // self.config.vision.patch_size
+    return int(patches * self.config.downsample_ratio) ** 2
+
+  def _check_counts(self, input_ids, pixel_shape):
+    n_tokens = int(np.isin(np.asarray(input_ids), self.context_ids).sum())
+    per_tile = self.tokens_per_tile(pixel_shape[1])
+    if n_tokens != pixel_shape[0] * per_tile:
+      raise ValueError(
+          f"the input has {n_tokens} visual context tokens but pixel_values gives "
+          f"{pixel_shape[0]} tiles x {per_tile} tokens per tile = {pixel_shape[0] * per_tile} "
+          "features; every tile/frame needs exactly one run of context tokens")
 
   def __call__(self, input_ids, pixel_values=None, positions=None, segment_ids=None, *,
                return_hidden: bool = False):
