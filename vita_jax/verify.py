@@ -1,0 +1,235 @@
+"""Cross-framework numerical verification of one checkpoint (DESIGN §6).
+
+    python -m vita_jax.verify --model=DIR [--dtype float32|bfloat16] [--against torch,transformers]
+
+Loads DIR (either HF layout) in JAX and in every framework of --against, runs the same random
+inputs — text only, with images (3 tiles), and packing (two samples with restarting positions,
+an image, padding) — and prints max/mean |delta| against JAX of the logits and of the projected
+vision features. Tolerance: max|delta| <= tol * max(1, max|JAX value|) with tol 1e-4 in float32
+and 2e-2 in bfloat16. Exits 1 when any row fails, 0 otherwise.
+
+transformers reads the internvl layout: a long_vita directory is converted to a temporary one
+first (with vita_jax.convert), and packed rows are compared sample by sample, since transformers
+has no segment ids. A checkpoint the internvl layout cannot express (the release's bias-free
+projector) is skipped for transformers with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+
+import numpy as np
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+FRAMEWORKS = ("torch", "transformers")
+
+
+def make_cases(cfg, *, batch: int = 2, seq: int = 32, tiles: int = 3, seed: int = 0) -> dict:
+  """{name: dict(ids [B,S], pixels NHWC or None, positions, segment_ids, spans)} from cfg.
+
+  `spans` lists (row, start, end, uses_pixels) of independent samples, for frameworks without
+  segment ids (None: the whole batch is one call). Context tokens come from the config's first visual context id.
+  """
+  from configs.base import tokens_per_tile
+  from vita_jax.models.vlm import context_token_ids
+  rng = np.random.default_rng(seed)
+  tpt, side = tokens_per_tile(cfg), cfg.vision.image_size
+  context = context_token_ids(cfg.tokens)
+  image_id = context[0]
+  seq = max(seq, tiles * tpt + 16)
+
+  def text(shape):
+    ids = rng.integers(0, cfg.llm.vocab_size, shape)
+    return np.where(np.isin(ids, context), (ids + 1) % cfg.llm.vocab_size, ids)
+
+  def pixels(n):
+    return rng.standard_normal((n, side, side, 3)).astype(np.float32)
+
+  ones = np.ones((batch, seq), np.int64)
+  arange = np.tile(np.arange(seq), (batch, 1))
+  cases = {"text": dict(ids=text((batch, seq)), pixels=None, positions=arange,
+                        segment_ids=ones, spans=None)}
+  ids = text((batch, seq))
+  need = tiles * tpt
+  for r in range(batch):                       # spread the image tokens over the rows
+    n = need // batch + (r < need % batch)
+    ids[r, 2:2 + n] = image_id
+  cases["images"] = dict(ids=ids, pixels=pixels(tiles), positions=arange, segment_ids=ones,
+                         spans=None)        # the tiles run over row ends: one batched call
+  # Packing: row 0 = [sample A with the tiles | sample B | padding]; row 1 = one text sample.
+  # (The same tile count as "images", so a jitted model compiles once for both.)
+  ids, cut, pad = text((batch, seq)), need + 6, 3
+  ids[0, 2:2 + need] = image_id
+  segments, positions = ones.copy(), arange.copy()
+  segments[0, cut:seq - pad], segments[0, seq - pad:] = 2, 0
+  positions[0, cut:] = np.arange(seq - cut)
+  positions[0, seq - pad:] = 0
+  cases["packing"] = dict(ids=ids, pixels=pixels(tiles), positions=positions,
+                          segment_ids=segments, spans=[(0, 0, cut, True),
+                                                       (0, cut, seq - pad, False),
+                                                       (1, 0, seq, False)])
+  return cases
+
+
+# ---------------------------------------------------------------- runners: case -> arrays
+
+
+def _jax_forward(model, ids, pixels, positions, segment_ids):
+  logits = model(ids, pixels, positions, segment_ids)
+  return logits, None if pixels is None else model.image_features(pixels)
+
+
+_jitted_forward = None
+
+
+def run_jax(model, case):
+  import jax.numpy as jnp
+  from flax import nnx
+  global _jitted_forward
+  if _jitted_forward is None:                    # one jit: compiled once per input shape
+    _jitted_forward = nnx.jit(_jax_forward)
+  px = None if case["pixels"] is None else jnp.asarray(case["pixels"])
+  logits, feats = _jitted_forward(
+      model, jnp.asarray(case["ids"], jnp.int32), px,
+      jnp.asarray(case["positions"], jnp.int32), jnp.asarray(case["segment_ids"], jnp.int32))
+  return _np(logits), None if feats is None else _np(feats)
+
+
+def _np(x):
+  return np.asarray(x, np.float32) if not hasattr(x, "detach") else x.detach().float().cpu().numpy()
+
+
+def _nchw(pixels):
+  import torch
+  return None if pixels is None else torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+
+
+def run_torch(model, case):
+  import torch
+  px = _nchw(case["pixels"])
+  with torch.no_grad():
+    logits = model(torch.from_numpy(case["ids"]), px, torch.from_numpy(case["positions"]),
+                   torch.from_numpy(case["segment_ids"]))
+    feats = None if px is None else model.image_features(px)
+  return _np(logits), None if feats is None else _np(feats)
+
+
+def run_transformers(model, case):
+  """Logits sample by sample (spans); padding rows stay NaN and are not compared."""
+  import torch
+  px = _nchw(case["pixels"])
+  if px is not None:
+    px = px.to(model.dtype)
+  logits = None
+  with torch.no_grad():
+    if case["spans"] is None:
+      extra = {} if px is None else {"pixel_values": px}
+      logits = _np(model(input_ids=torch.from_numpy(case["ids"]), **extra).logits)
+    for row, start, end, uses_pixels in case["spans"] or ():
+      ids = torch.from_numpy(case["ids"][row:row + 1, start:end])
+      extra = {"pixel_values": px} if uses_pixels and px is not None else {}
+      out = _np(model(input_ids=ids, **extra).logits)
+      if logits is None:
+        logits = np.full(case["ids"].shape + (out.shape[-1],), np.nan, np.float32)
+      logits[row, start:end] = out[0]
+    feats = None if px is None else _np(model.model.get_image_features(pixel_values=px)
+                                        .pooler_output)
+  return logits, feats
+
+
+def load_transformers(path: str, layout: str, dtype: str, workdir: str):
+  import torch
+  from transformers import InternVLForConditionalGeneration
+  if layout != "internvl":
+    from vita_jax.convert import convert
+    convert(path, workdir, "internvl", dtype="float32")
+    path = workdir
+  return InternVLForConditionalGeneration.from_pretrained(
+      path, dtype=getattr(torch, dtype)).eval()
+
+
+# ---------------------------------------------------------------- comparison + table
+
+
+def compare(ref, got, tol):
+  """(max |delta|, mean |delta|, bound, ok) over entries both frameworks computed."""
+  keep = ~np.isnan(got)
+  delta = np.abs(got[keep] - ref[keep])
+  bound = tol * max(1.0, float(np.abs(ref[keep]).max()))
+  worst = float(delta.max()) if delta.size else 0.0
+  return worst, float(delta.mean()) if delta.size else 0.0, bound, worst <= bound
+
+
+def verify(path: str, dtype: str = "float32", against=FRAMEWORKS, seed: int = 0, out=print):
+  """Run every case in every framework; print the table; return the rows (dicts)."""
+  import vita_jax
+  unknown = [f for f in against if f not in FRAMEWORKS]
+  if unknown:
+    raise ValueError(f"unknown framework {', '.join(unknown)} in --against; use a subset of "
+                     f"{','.join(FRAMEWORKS)}")
+  tol = TOLERANCE[dtype]
+  jax_model = vita_jax.load_pretrained(path, dtype=dtype)
+  cfg = jax_model.config
+  cases = make_cases(cfg, seed=seed)
+  reference = {name: run_jax(jax_model, case) for name, case in cases.items()}
+  rows = []
+  with tempfile.TemporaryDirectory() as workdir:
+    for framework in against:
+      if framework == "torch":
+        import torch
+
+        import vita_torch
+        model, runner = vita_torch.load_pretrained(path, dtype=getattr(torch, dtype)), run_torch
+      elif framework == "transformers":
+        try:
+          model = load_transformers(path, cfg.layout, dtype, workdir)
+        except ValueError as e:
+          out(f"note: transformers skipped: {e}")
+          continue
+        runner = run_transformers
+      for name, case in cases.items():
+        logits, feats = runner(model, case)
+        for what, ref, got in (("logits", reference[name][0], logits),
+                               ("vision", reference[name][1], feats)):
+          if ref is None or got is None:
+            continue
+          worst, mean, bound, ok = compare(ref, got, tol)
+          rows.append(dict(framework=framework, case=name, output=what, max=worst, mean=mean,
+                           bound=bound, ok=ok))
+  out(f"vita_jax.verify  {path}  ({cfg.layout} layout, {dtype}; reference: JAX)")
+  out(f"{'framework':<13}{'case':<9}{'output':<8}{'max|d|':>11}{'mean|d|':>11}{'bound':>11}  ok")
+  for r in rows:
+    out(f"{r['framework']:<13}{r['case']:<9}{r['output']:<8}{r['max']:>11.3e}{r['mean']:>11.3e}"
+        f"{r['bound']:>11.3e}  {'PASS' if r['ok'] else 'FAIL'}")
+  return rows
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m vita_jax.verify", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", required=True, help="HF checkpoint directory (either layout)")
+  parser.add_argument("--dtype", choices=tuple(TOLERANCE), default="float32")
+  parser.add_argument("--against", default=",".join(FRAMEWORKS),
+                      help="comma-separated subset of torch,transformers")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  against = [a.strip() for a in args.against.split(",") if a.strip()]
+  try:
+    rows = verify(args.model, args.dtype, against, args.seed)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  failed = [r for r in rows if not r["ok"]]
+  if not rows:
+    print("error: nothing was compared", file=sys.stderr)
+    return 2
+  print(f"{len(rows) - len(failed)}/{len(rows)} within tolerance"
+        + (f"; FAILED: {', '.join(r['framework'] + '/' + r['case'] + '/' + r['output'] for r in failed)}"
+           if failed else ""))
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
