@@ -30,7 +30,8 @@ def make_cases(cfg, *, batch: int = 2, seq: int = 32, tiles: int = 3, seed: int 
   """{name: dict(ids [B,S], pixels NHWC or None, positions, segment_ids, spans)} from cfg.
 
   `spans` lists (row, start, end, uses_pixels) of independent samples, for frameworks without
-  segment ids (None: the whole batch is one call). Context tokens come from the config's first visual context id.
+  segment ids (None: the whole batch is one call). Context tokens use the config's first
+  visual context id.
   """
   from configs.base import tokens_per_tile
   from vita_jax.models.vlm import context_token_ids
@@ -225,9 +226,9 @@ def main(argv=None) -> int:
   if not rows:
     print("error: nothing was compared", file=sys.stderr)
     return 2
+  names = ", ".join(f"{r['framework']}/{r['case']}/{r['output']}" for r in failed)
   print(f"{len(rows) - len(failed)}/{len(rows)} within tolerance"
-        + (f"; FAILED: {', '.join(r['framework'] + '/' + r['case'] + '/' + r['output'] for r in failed)}"
-           if failed else ""))
+        + (f"; FAILED: {names}" if failed else ""))
   return 1 if failed else 0
 
 
