@@ -200,7 +200,8 @@ def _release_tensors(hf) -> dict[str, np.ndarray]:
   out[vm + "embeddings.class_embedding"] = sd[vt + "embeddings.cls_token"]
   out[vm + "embeddings.position_embedding"] = sd[vt + "embeddings.position_embeddings"]
   for p in ("weight", "bias"):
-    out[vm + f"embeddings.patch_embedding.{p}"] = sd[vt + f"embeddings.patch_embeddings.projection.{p}"]
+    patch = sd[vt + f"embeddings.patch_embeddings.projection.{p}"]
+    out[vm + f"embeddings.patch_embedding.{p}"] = patch
   n_layers = hf.config.vision_config.num_hidden_layers
   for i in range(n_layers):
     src, dst = vt + f"encoder.layer.{i}.", vm + f"encoder.layers.{i}."

@@ -26,10 +26,23 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from vita_jax.models.hf_config import detect_layout, hf_config_from_model_config, model_config_from_hf
+from vita_jax.models.hf_config import (
+  detect_layout,
+  hf_config_from_model_config,
+  model_config_from_hf,
+)
 from vita_jax.models.hf_mapping import (
-    LAYOUTS, canonical_key, disk_key, flat_params_to_hf, hf_to_flat_params, ignorable_keys,
-    params_from_hf, params_to_hf, rule_keys, rules)
+  LAYOUTS,
+  canonical_key,
+  disk_key,
+  flat_params_to_hf,
+  hf_to_flat_params,
+  ignorable_keys,
+  params_from_hf,
+  params_to_hf,
+  rule_keys,
+  rules,
+)
 
 __all__ = ["load_pretrained", "save_pretrained", "read_hf_config", "SafetensorsDir",
            "model_config_from_hf", "hf_config_from_model_config", "detect_layout",

@@ -28,7 +28,12 @@ def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = N
             max_shard_bytes: int = 4 << 30) -> str:
   """Read SRC (either layout) and write DST in `layout`; returns the layout written."""
   from vita_jax.checkpoint_hf import (
-      LAYOUTS, detect_layout, load_pretrained, read_hf_config, save_pretrained)
+    LAYOUTS,
+    detect_layout,
+    load_pretrained,
+    read_hf_config,
+    save_pretrained,
+  )
   src_layout = detect_layout(read_hf_config(src))
   layout = layout or next(x for x in LAYOUTS if x != src_layout)
   if os.path.abspath(src) == os.path.abspath(dst):
