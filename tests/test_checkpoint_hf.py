@@ -230,3 +230,15 @@ def test_convert_cli_both_ways_keeps_logits(model, model_logits, tmp_path):
 def test_convert_cli_reports_a_bad_source(tmp_path, capsys):
   assert convert_main([str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
   assert "has no config.json" in capsys.readouterr().err
+
+
+def test_load_onto_a_mesh_shards_by_logical_axes(model, model_logits, tmp_path):
+  from vita_jax.parallel.mesh import make_mesh
+  mesh = make_mesh({"data": 2, "fsdp": 2, "seq": 1, "tensor": 2})
+  vita_jax.save_pretrained(model, str(tmp_path), layout="long_vita")
+  loaded = vita_jax.load_pretrained(str(tmp_path), mesh=mesh)
+  assert loaded.mesh is mesh
+  gate = loaded.llm.layers.gate_kernel[...]                 # [layers, embed, mlp]
+  assert tuple(gate.sharding.spec) == (None, "fsdp", "tensor")
+  np.testing.assert_array_equal(np.asarray(gate), params(model)[("llm", "layers", "gate_kernel")])
+  np.testing.assert_allclose(logits(loaded), model_logits, atol=1e-5, rtol=1e-5)
