@@ -2,7 +2,6 @@
 unsharded model: logits after un-zigzag, and the loss, which needs no un-zigzag at all."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vita_jax.ops.attention import attention, dot_product_attention
 from vita_jax.ops.ring_attention import blockwise_attention, may_attend, ring_attention
@@ -50,7 +51,7 @@ def value_and_grads(fn, q, k, v, w):
   return np.asarray(out), tuple(np.asarray(g) for g in grads)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dense_reference(hkv, seed, causal=True):
   """Dense output and gradients for the packed batch (cached: several tests share them)."""
   seg, pos = packed_batch()

@@ -5,8 +5,13 @@ import numpy as np
 import pytest
 
 from vita_jax.parallel.mesh import ConfigError
-from vita_jax.parallel.zigzag import (inverse_permutation, unzigzag, zigzag, zigzag_batch,
-                                      zigzag_permutation)
+from vita_jax.parallel.zigzag import (
+  inverse_permutation,
+  unzigzag,
+  zigzag,
+  zigzag_batch,
+  zigzag_permutation,
+)
 
 
 def test_rank_r_holds_chunks_r_and_2n_minus_1_minus_r():

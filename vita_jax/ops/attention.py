@@ -54,8 +54,7 @@ def dot_product_attention(q, k, v, segment_ids, positions, *, causal: bool = Tru
 
 
 def _blockwise(q, k, v, segment_ids, positions, *, causal, scale, q_chunk, kv_chunk):
-  from vita_jax.ops.ring_attention import (DEFAULT_KV_CHUNK, DEFAULT_Q_CHUNK,
-                                           blockwise_attention)
+  from vita_jax.ops.ring_attention import DEFAULT_KV_CHUNK, DEFAULT_Q_CHUNK, blockwise_attention
   return blockwise_attention(q, k, v, segment_ids, positions, causal=causal, scale=scale,
                              q_chunk=q_chunk or DEFAULT_Q_CHUNK,
                              kv_chunk=kv_chunk or DEFAULT_KV_CHUNK)
@@ -106,8 +105,7 @@ def attention(q, k, v, segment_ids, positions, *, mesh: jax.sharding.Mesh | None
                                                    (mesh.size > 1 and impl == "jnp")):
     # On a multi-device mesh without sequence sharding this is the ring with one shard:
     # the same kernel, run per device on its batch/head shard.
-    from vita_jax.ops.ring_attention import (DEFAULT_KV_CHUNK, DEFAULT_Q_CHUNK,
-                                             ring_attention)
+    from vita_jax.ops.ring_attention import DEFAULT_KV_CHUNK, DEFAULT_Q_CHUNK, ring_attention
     return ring_attention(q, k, v, segment_ids, positions, mesh=mesh, axis=axis, causal=causal,
                           scale=scale, q_chunk=q_chunk or DEFAULT_Q_CHUNK,
                           kv_chunk=kv_chunk or DEFAULT_KV_CHUNK)

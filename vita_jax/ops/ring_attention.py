@@ -152,19 +152,18 @@ def _block_backward(q, q_seg, q_pos, lse, dout, delta, kv, grads, cfg: _Config):
     lse_i, dout_i, delta_i = _slice(lse, i, cq), _slice(dout, i, cq), _slice(delta, i, cq)
 
     def kv_step(j, acc):
-      dq_i, dk, dv = acc
       kj, vj, segj, posj = [_slice(x, j, ck) for x in (k, v, kv_seg, kv_pos)]
-      tq, tk, tv = _tile_backward(qi, kj, vj, segi, posi, segj, posj, lse_i, dout_i, delta_i, cfg)
-      return dq_i + tq, _add_slice(dk, tk, j, ck), _add_slice(dv, tv, j, ck)
 
-    def kv_step_if_visible(j, acc):
-      segj, posj = _slice(kv_seg, j, ck), _slice(kv_pos, j, ck)
-      return lax.cond(may_attend(segi, posi, segj, posj, cfg.causal),
-                      functools.partial(kv_step, j), lambda a: a, acc)
+      def compute(acc):
+        tq, tk, tv = _tile_backward(qi, kj, vj, segi, posi, segj, posj, lse_i, dout_i, delta_i,
+                                    cfg)
+        return acc[0] + tq, _add_slice(acc[1], tk, j, ck), _add_slice(acc[2], tv, j, ck)
+
+      return lax.cond(may_attend(segi, posi, segj, posj, cfg.causal), compute, lambda a: a, acc)
 
     dq, dk, dv = grads
-    dq_i = jnp.zeros_like(qi, jnp.float32)
-    dq_i, dk, dv = lax.fori_loop(0, k.shape[1] // ck, kv_step_if_visible, (dq_i, dk, dv))
+    dq_i, dk, dv = lax.fori_loop(0, k.shape[1] // ck, kv_step,
+                                 (jnp.zeros_like(qi, jnp.float32), dk, dv))
     return _add_slice(dq, dq_i, i, cq), dk, dv
 
   return lax.fori_loop(0, q.shape[1] // cq, q_step, grads)
