@@ -3,6 +3,7 @@ checkpoint converted with `python -m vita_jax.convert`, in both layouts and both
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,3 +65,32 @@ def test_verify_fails_when_frameworks_disagree(dirs, monkeypatch, capsys):
 def test_verify_rejects_unknown_framework(dirs, capsys):
   assert verify.main(["--model", dirs["internvl"], "--against", "tensorflow"]) == 2
   assert "tensorflow" in capsys.readouterr().err
+
+
+def test_release_shaped_checkpoint_from_jax(tmp_path, capsys):
+  """A vita_jax model of the configs/base.py `tiny` size (bias-free projector of the vision
+  width, as in the release) saved by vita_jax.save_pretrained: vita_torch reads it exactly;
+  transformers cannot express that projector and is skipped with a note."""
+  import jax
+  from flax import nnx
+
+  import vita_jax
+  from configs import base
+  from vita_jax.models.vlm import LongVITA
+
+  cfg = base.model_config("tiny")
+  cfg.compute_dtype, cfg.remat = "float32", "none"
+  cfg.projector.hidden_size = 96                     # != vision (64) and != llm (128) width
+  model = LongVITA(cfg, rngs=nnx.Rngs(0))
+  leaves, tree = jax.tree.flatten(nnx.state(model, nnx.Param))
+  rng = np.random.default_rng(1)                     # numpy: no per-shape JAX compilation
+  noisy = [np.asarray(x) + 0.05 * rng.standard_normal(x.shape, np.float32) for x in leaves]
+  nnx.update(model, jax.tree.unflatten(tree, noisy))
+  vita_jax.save_pretrained(model, str(tmp_path), layout="long_vita")
+
+  torch_model = vita_torch.load_pretrained(str(tmp_path), device="cpu")
+  assert torch_model.model.vision_projection.mlp[0].bias is None
+  rows = verify.verify(str(tmp_path), "float32", ["torch", "transformers"])
+  assert "transformers skipped" in capsys.readouterr().out
+  assert len(rows) == 5 and all(r["ok"] for r in rows)
+  assert {r["framework"] for r in rows} == {"torch"}
