@@ -131,6 +131,13 @@ def model_config(size: str = "14b") -> ml_collections.ConfigDict:
   ))
 
 
+def context_token_ids(tokens: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Ids whose embeddings are replaced by visual features (negative ids are disabled)."""
+  ids = (tokens.img_context_id, tokens.patch_context_id, tokens.vid_context_id,
+         tokens.get("image_token_id", -1))
+  return tuple(sorted({int(i) for i in ids if int(i) >= 0}))
+
+
 def tokens_per_tile(model: ml_collections.ConfigDict) -> int:
   side = model.vision.image_size // model.vision.patch_size
   return int(side * model.downsample_ratio) ** 2

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import base
+from vita_jax.data.pipeline import add_context_index
 from vita_jax.ops.lm_head import chunked_cross_entropy
 from vita_jax.parallel import make_mesh, shard_state
 from vita_jax.parallel.zigzag import unzigzag, zigzag_batch
@@ -57,7 +58,8 @@ def run(model, batch):
   def forward(state, batch):
     m = nnx.merge(graphdef, state)
     hidden = m(batch["input_ids"], batch.get("pixel_values"), batch["positions"],
-               batch["segment_ids"], return_hidden=True)
+               batch["segment_ids"], context_index=batch.get("context_index"),
+               return_hidden=True)
     logits = m.llm.logits(hidden)
     loss, _ = chunked_cross_entropy(hidden, m.lm_head_weight(), batch["labels"], chunk_size=16)
     return logits, loss
@@ -87,13 +89,16 @@ def test_sequence_sharded_zigzag_forward_equals_unsharded(reference, mesh_cfg):
   assert np.abs(logits - ref_logits).max() > 10 * tol
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "merge_visual_features hands out visual features in token order, which the zigzag layout "
-    "changes; it needs a layout-independent feature index (see notes/readme_ring.md)"))
 def test_zigzag_with_images_keeps_features_on_their_tokens():
+  """The feature index fixed before zigzag (as the data pipeline does) travels with the tokens;
+  without it, in-order assignment would give the reordered tokens the wrong features."""
   cfg = tiny_config()
-  batch = packed_batch(cfg, with_images=True)
+  batch = add_context_index(packed_batch(cfg, with_images=True),
+                            base.context_token_ids(cfg.tokens))
   ref_logits, _ = run(vlm.LongVITA(cfg, rngs=nnx.Rngs(0)), batch)
   model = vlm.LongVITA(cfg, rngs=nnx.Rngs(0), mesh=make_mesh({"data": 2, "seq": 4}))
-  logits, _ = run(model, zigzag_batch(batch, 4))
+  zz = zigzag_batch(batch, 4)
+  logits, _ = run(model, zz)
   np.testing.assert_allclose(unzigzag(logits, 4), ref_logits, atol=1e-4)
+  in_order, _ = run(model, {k: v for k, v in zz.items() if k != "context_index"})
+  assert np.abs(unzigzag(in_order, 4) - ref_logits).max() > 1e-2

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
+from configs.base import tokens_per_tile
 from vita_jax import cli
 from vita_jax import config as config_lib
 from vita_jax.parallel.mesh import ConfigError, make_mesh
@@ -31,7 +32,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, me
                                "tensorboard/. An existing one is resumed.")
 flags.mark_flag_as_required("workdir")
 
-MODEL_KEYS = ("input_ids", "labels", "positions", "segment_ids", "pixel_values")
+MODEL_KEYS = ("input_ids", "labels", "positions", "segment_ids", "pixel_values",
+              "context_index")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,7 +48,8 @@ def maybe_initialize_distributed() -> None:
         coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(env["JAX_NUM_PROCESSES"]),
         process_id=int(env["JAX_PROCESS_ID"]))
-  elif env.get("SLURM_NTASKS", "1") != "1" or env.get("TPU_WORKER_HOSTNAMES"):
+  elif (env.get("SLURM_NTASKS", "1") != "1" or env.get("TPU_WORKER_HOSTNAMES")
+        or env.get("VITA_DISTRIBUTED") == "auto"):
     jax.distributed.initialize()
 
 
@@ -103,32 +106,49 @@ def _hf_weights(path: str, part: str | None = None) -> dict:
   return checkpoint_hf.read_weights_for_model(path, part=part)
 
 
-def _stack_micro_batches(micro: list[dict]) -> tuple[dict, dict]:
-  """Split model inputs from counters and stack micro-batches on a new leading axis."""
+def _stack_micro_batches(micro: list[dict], tokens_per_tile: int) -> tuple[dict, dict]:
+  """Split model inputs from counters and stack micro-batches on a new leading axis.
+
+  Each process packs its own tiles; in the global pixel array they follow in process order,
+  so this process's context indices are offset by the tiles of the processes before it.
+  """
   counters = {k: v for k, v in micro[-1].items() if k not in MODEL_KEYS}
   stacked = {k: np.stack([m[k] for m in micro]) for k in MODEL_KEYS if k in micro[0]}
+  if "context_index" in stacked and "pixel_values" in stacked:
+    offset = jax.process_index() * stacked["pixel_values"].shape[1] * tokens_per_tile
+    idx = stacked["context_index"]
+    stacked["context_index"] = np.where(idx >= 0, idx + offset, idx).astype(np.int32)
   return stacked, counters
 
 
 def _global_batch(stacked: dict, mesh) -> dict:
-  """Per-process numpy micro-batches -> global jax.Arrays sharded batch/seq over the mesh."""
+  """Per-process numpy micro-batches -> global jax.Arrays: rows over data/fsdp and the
+  sequence over seq; tiles [A, T, H, W, 3] over data/fsdp too (each process holds its own),
+  so the vision tower runs spread over devices rather than replicated."""
   from jax.sharding import NamedSharding
 
   from vita_jax.parallel.sharding import logical_to_spec
   out = {}
   for key, value in stacked.items():
-    if key == "pixel_values":   # [A, T, H, W, 3]: tiles replicated (the model shards them)
-      spec = logical_to_spec((None, None, None, None, None), mesh)
-    else:                       # [A, B, S]
-      spec = logical_to_spec((None, "batch", "length"), mesh)
-    out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
+    names = ((None, "batch", None, None, None) if key == "pixel_values"
+             else (None, "batch", "length"))
+    local = logical_to_spec(names, mesh, value.shape)
+    global_shape = list(value.shape)
+    global_shape[1] *= jax.process_count()
+    spec = logical_to_spec(names, mesh, global_shape)
+    if jax.process_count() > 1 and local != spec:
+      raise ConfigError(f"{key} of shape {value.shape} per process cannot be split evenly "
+                        "over the mesh; make data.tiles_per_batch and the per-process batch "
+                        "multiples of the data*fsdp devices per process")
+    out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value,
+                                                      tuple(global_shape))
   return out
 
 
 def train(config, workdir: str, devices=None) -> dict:
   """Run (or resume) training; returns the last logged metrics. `devices` (default: all)
   lets tests compare meshes of different sizes in one process."""
-  import optax  # noqa: F401  (import cost only when training)
+  import optax
   from tqdm import tqdm
 
   from vita_jax import flops as flops_lib
@@ -159,7 +179,10 @@ def train(config, workdir: str, devices=None) -> dict:
   params = jax.device_put(params, param_sh)
   frozen = jax.device_put(frozen, frozen_sh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = dict(params=params, opt_state=jax.jit(tx.init)(params),
+  # Adam moments take their parameter's sharding; counters are replicated.
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params),
+                                 param_sh, transform_non_params=lambda _: replicated)
+  state = dict(params=params, opt_state=jax.jit(tx.init, out_shardings=opt_sh)(params),
                step=jax.device_put(np.int32(0), replicated))
   state_sh = jax.tree.map(lambda x: x.sharding, state)
 
@@ -203,7 +226,7 @@ def train(config, workdir: str, devices=None) -> dict:
                   dynamic_ncols=True, desc=f"stage {config.stage}")
   for step in range(start_step, train_cfg.steps):
     micro = [next(data_iter) for _ in range(accum)]
-    stacked, counters = _stack_micro_batches(micro)
+    stacked, counters = _stack_micro_batches(micro, tokens_per_tile(config.model))
     tokens = int(sum((m["segment_ids"] > 0).sum() for m in micro)) * jax.process_count()
     tiles = int(sum(int(m.get("num_tiles", 0)) for m in micro)) * jax.process_count()
     window_tokens += tokens

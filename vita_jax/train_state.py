@@ -86,7 +86,7 @@ def make_train_step(split: Split, tx: optax.GradientTransformation, schedule,
     model = merge(split, params, frozen)
     hidden = model(micro["input_ids"], pixel_values=micro.get("pixel_values"),
                    positions=micro["positions"], segment_ids=micro["segment_ids"],
-                   return_hidden=True)
+                   context_index=micro.get("context_index"), return_hidden=True)
     loss_sum, count = chunked_cross_entropy(hidden, model.lm_head_weight(), micro["labels"],
                                             chunk_size=chunk, z_loss=z_loss, mesh=model.mesh)
     return loss_sum, count

@@ -19,7 +19,7 @@ import os
 import grain
 import numpy as np
 
-from configs.base import tokens_per_tile
+from configs.base import context_token_ids, tokens_per_tile
 from vita_jax.data import demo
 from vita_jax.data import image as image_lib
 from vita_jax.data import video as video_lib
@@ -34,7 +34,7 @@ from vita_jax.data.packing import PackIterDataset
 from vita_jax.data.tokenizer import check_token_ids, load_tokenizer
 from vita_jax.parallel.mesh import ConfigError
 
-SEQUENCE_KEYS = ("input_ids", "labels", "positions", "segment_ids")
+SEQUENCE_KEYS = ("input_ids", "labels", "positions", "segment_ids", "context_index")
 
 
 class PrepareSample:
@@ -123,6 +123,14 @@ def make_prepare(config) -> PrepareSample:
       fps=data.video_fps, seq_len=data.seq_len, truncate=data.truncate_long_samples)
 
 
+def add_context_index(batch: dict, context_ids: tuple[int, ...]) -> dict:
+  """Row of the flattened pixel features for each visual context token (-1 elsewhere), fixed
+  before any reordering so the tokens keep their features whatever the layout."""
+  is_ctx = np.isin(batch["input_ids"], np.asarray(context_ids))
+  index = np.cumsum(is_ctx.reshape(-1)).reshape(is_ctx.shape) - 1
+  return {**batch, "context_index": np.where(is_ctx, index, -1).astype(np.int32)}
+
+
 def _zigzag(batch: dict, num_shards: int) -> dict:
   from vita_jax.parallel.zigzag import zigzag_batch  # lazy: parallel code is optional here
   seq = zigzag_batch({k: batch[k] for k in SEQUENCE_KEYS}, num_shards)
@@ -168,6 +176,8 @@ def make_dataset(config, *, seq_shards: int = 1, process_index: int = 0, process
       tile=config.model.vision.image_size, pad_id=tok.pad_id,
       reset_positions=data.reset_positions,
       max_bad_fraction=data.max_bad_fraction if train else 1.0)
+  ds = ds.map(functools.partial(add_context_index,
+                                context_ids=context_token_ids(config.model.tokens)))
   if seq_shards > 1:
     ds = ds.map(functools.partial(_zigzag, num_shards=seq_shards))
   if data.prefetch > 0:

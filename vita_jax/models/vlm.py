@@ -12,22 +12,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs.base import context_token_ids
 from vita_jax.models.llm import Qwen2
 from vita_jax.models.projector import Projector
 from vita_jax.models.vision import InternViT
 
-
-def context_token_ids(tokens) -> tuple[int, ...]:
-  """Ids whose embeddings are replaced by visual features (negative ids are disabled)."""
-  ids = (tokens.img_context_id, tokens.patch_context_id, tokens.vid_context_id,
-         tokens.get("image_token_id", -1))
-  return tuple(sorted({int(i) for i in ids if int(i) >= 0}))
+__all__ = ["LongVITA", "context_token_ids", "merge_visual_features"]
 
 
-def merge_visual_features(embeds, input_ids, features, context_ids, *, check: bool):
+def merge_visual_features(embeds, input_ids, features, context_ids, *, check: bool,
+                          context_index=None):
   """Put features [T, n, D] into embeds [B, S, D] at the context tokens, in order (batch
   first, then sequence). Features beyond the number of context tokens (padding tiles under a
-  static tile budget) are ignored. With `check`, counts must match exactly."""
+  static tile budget) are ignored. With `check`, counts must match exactly.
+
+  `context_index` int [B, S] (row of the flattened features per context token, -1 elsewhere)
+  overrides the in-order rule: it is computed before the tokens are reordered (zigzag) or
+  split across processes, and travels with them, so any token layout gets the right features.
+  """
   is_ctx = jnp.isin(input_ids, jnp.asarray(context_ids, input_ids.dtype))     # [B, S]
   flat = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
   if check:
@@ -37,7 +39,11 @@ def merge_visual_features(embeds, input_ids, features, context_ids, *, check: bo
           f"the input has {n_tokens} visual context tokens but pixel_values gives "
           f"{features.shape[0]} tiles x {features.shape[1]} tokens per tile = {flat.shape[0]} "
           "features; every tile/frame needs exactly one run of context tokens")
-  index = jnp.cumsum(is_ctx.reshape(-1)) - 1
+  if context_index is not None:
+    index = jnp.asarray(context_index, jnp.int32).reshape(-1)
+    is_ctx = is_ctx & (jnp.asarray(context_index) >= 0)
+  else:
+    index = jnp.cumsum(is_ctx.reshape(-1)) - 1
   gathered = jnp.take(flat, jnp.clip(index, 0, flat.shape[0] - 1), axis=0)
   gathered = gathered.reshape(embeds.shape)
   return jnp.where(is_ctx[..., None], gathered, embeds)
@@ -67,7 +73,7 @@ class LongVITA(nnx.Module):
     """pixel_values [T, H, W, 3] -> LLM-space features [T, tokens_per_tile, D]."""
     return self.projector(self.vision(jnp.asarray(pixel_values, jnp.float32), mesh=self.mesh))
 
-  def embed(self, input_ids, pixel_values=None):
+  def embed(self, input_ids, pixel_values=None, context_index=None):
     """Token embeddings with visual features placed at the context tokens. [B, S, D]."""
     x = self.llm.embed(input_ids)
     if pixel_values is not None and pixel_values.shape[0] > 0:
@@ -75,7 +81,8 @@ class LongVITA(nnx.Module):
       if concrete:    # fail before running the vision tower
         self._check_counts(input_ids, pixel_values.shape)
       features = self.image_features(pixel_values)
-      x = merge_visual_features(x, input_ids, features, self.context_ids, check=concrete)
+      x = merge_visual_features(x, input_ids, features, self.context_ids, check=concrete,
+                                context_index=context_index)
     return x
 
   def tokens_per_tile(self, tile_side: int) -> int:
@@ -92,15 +99,18 @@ class LongVITA(nnx.Module):
           "features; every tile/frame needs exactly one run of context tokens")
 
   def __call__(self, input_ids, pixel_values=None, positions=None, segment_ids=None, *,
-               return_hidden: bool = False):
-    """input_ids int [B, S] -> fp32 logits [B, S, V] (or final hidden states [B, S, D])."""
+               context_index=None, return_hidden: bool = False):
+    """input_ids int [B, S] -> fp32 logits [B, S, V] (or final hidden states [B, S, D]).
+
+    `context_index` (optional, int [B, S]) says which feature row each visual context token
+    takes; without it they are taken in order (see merge_visual_features)."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
     b, s = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     if segment_ids is None:
       segment_ids = jnp.ones((b, s), jnp.int32)
-    x = self.embed(input_ids, pixel_values)
+    x = self.embed(input_ids, pixel_values, context_index)
     hidden = self.llm(x, jnp.asarray(positions, jnp.int32), jnp.asarray(segment_ids, jnp.int32),
                       mesh=self.mesh)
     if return_hidden:
