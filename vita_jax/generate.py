@@ -400,16 +400,23 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int, seq_sh
   b, n = logits.shape[0], cache.new_k.shape[2]
   tokens, done = runner.first(logits, key, jnp.zeros((b, n), jnp.int32), sampling=sampling,
                               eos_id=eos)
-  st = Decoding(cache, tokens, jnp.int32(1), jnp.int32(max_new_tokens), jnp.int32(s), done, key)
+  # Scalars replicated on the mesh, as the step returns them: same input shardings every call.
+  scalars = jax.device_put((np.int32(1), np.int32(max_new_tokens), np.int32(s), key),
+                           NamedSharding(runner.mesh, P()))
+  st = Decoding(cache, tokens, scalars[0], scalars[1], scalars[2], done, scalars[3])
   kw = dict(sampling=sampling, eos_id=eos, pad_id=pad)
   t0 = time.perf_counter()
   if on_token is None:
     st = runner.loop(state, st, **kw)
   else:
-    on_token(0, np.asarray(st.tokens[:, 0]))
-    while bool(_running(st)):
+    # Host-side reads of whole small arrays: indexing a device array with a new Python int
+    # each step would compile a new slice op per token.
+    count, tokens, done = 1, np.asarray(st.tokens), np.asarray(st.done)
+    on_token(0, tokens[:, 0])
+    while count < max_new_tokens and not done.all():
       st = runner.step(state, st, **kw)
-      on_token(int(st.count) - 1, np.asarray(st.tokens[:, int(st.count) - 1]))
+      count, tokens, done = count + 1, np.asarray(st.tokens), np.asarray(st.done)
+      on_token(count - 1, tokens[:, count - 1])
   count = int(st.count)
   out = np.asarray(st.tokens[:, :count])
   if timings is not None:
