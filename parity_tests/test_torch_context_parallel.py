@@ -48,13 +48,15 @@ def _worker(rank, world, port, ckpt, out_dir):
     q, k, v, seg, pos = _attention_case()
     idx = zigzag_indices(q.shape[1], rank, world)
     results["ring"] = ring_attention(q[:, idx], k[:, idx], v[:, idx], seg[:, idx], pos[:, idx])
+    results["ring_tiled"] = ring_attention(q[:, idx], k[:, idx], v[:, idx], seg[:, idx],
+                                           pos[:, idx], q_chunk=3, kv_chunk=2)
     results["ring_index"] = idx
     # Decode merge: the last token's query against a cache split round-robin over the ranks.
     mine = torch.arange(q.shape[1] - 1)[rank::world]
     last = slice(q.shape[1] - 1, q.shape[1])
     results["decode"] = sharded_decode_attention(q[:, last], seg[:, last], pos[:, last],
                                                  k[:, mine], v[:, mine], seg[:, mine],
-                                                 pos[:, mine])
+                                                 pos[:, mine], kv_chunk=3)
     # The whole model.
     model = load_pretrained(ckpt, device="cpu")
     ids, pixels = testing.sample_inputs(2, PROMPT_LEN, 1, seed=3)
@@ -93,11 +95,12 @@ def test_context_parallel_matches_one_process(world, checkpoint, single_process,
 
   q, k, v, seg, pos = _attention_case()
   dense = dense_attention(q, k, v, seg, pos)
-  ring = torch.zeros_like(dense)
-  for r in ranks:
-    ring[:, r["ring_index"]] = r["ring"]
-  assert (ring - dense).abs().max() <= 1e-5
-  assert ring[0, 9:11].abs().max() == 0                # padding rows are zeros, not NaN
+  for key in ("ring", "ring_tiled"):
+    ring = torch.zeros_like(dense)
+    for r in ranks:
+      ring[:, r["ring_index"]] = r[key]
+    assert (ring - dense).abs().max() <= 1e-5
+    assert ring[0, 9:11].abs().max() == 0              # padding rows are zeros, not NaN
 
   last = slice(q.shape[1] - 1, q.shape[1])
   want = dense_attention(q[:, last], k[:, :-1], v[:, :-1], seg[:, last], pos[:, last],

@@ -136,3 +136,15 @@ def test_wrong_number_of_tiles_is_a_clear_error(models):
   ids, pixels = testing.sample_inputs(2, 24, 3)
   with pytest.raises(ValueError, match="visual context tokens"):
     models["internvl"](ids, pixels[:2])
+
+
+def test_tiled_prefill_for_long_prompts(models, monkeypatch):
+  """Above DENSE_MAX_TOKENS the single-process prefill uses the tiled LSE attention."""
+  import vita_torch.generate as gen
+  model = models["long_vita"]
+  ids, pixels = testing.sample_inputs(2, 40, 3, seed=6)
+  with torch.no_grad():
+    ref = model(ids, pixels)[:, -1]
+  monkeypatch.setattr(gen, "DENSE_MAX_TOKENS", 8)
+  logits, _ = gen.prefill(model, ids, pixels)
+  assert (logits - ref).abs().max() <= _tol(ref, 1e-5)

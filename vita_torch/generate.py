@@ -25,7 +25,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vita_torch.model import dense_attention
-from vita_torch.ring import ring_attention, sharded_decode_attention, zigzag_indices
+from vita_torch.ring import (
+    lse_attention, ring_attention, sharded_decode_attention, zigzag_indices)
+
+DENSE_MAX_TOKENS = 8192     # longer single-process prompts use the tiled attention
 
 
 class KVCache:
@@ -130,6 +133,8 @@ def prefill(model, input_ids, pixel_values=None, *, context_parallel: bool = Fal
     cache.write(layer, k, v)
     if context_parallel:
       return ring_attention(q, k, v, seg, pos, group=group)
+    if q.shape[1] > DENSE_MAX_TOKENS:               # tiled: no [S, S] mask or score matrix
+      return lse_attention(q, k, v, seg, pos, seg, pos)[0].to(q.dtype)
     return dense_attention(q, k, v, seg, pos)
 
   x = model.embed(full_ids[:, index], pixel_values, fidx[:, index])

@@ -34,18 +34,13 @@ def zigzag_indices(seq_len: int, rank: int, world: int) -> torch.Tensor:
   return torch.cat([torch.arange(s, s + chunk) for s in starts])
 
 
-def lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale=None):
-  """Attention of q to one K/V block with its log-sum-exp: (out fp32, lse fp32).
-
-  Rows that see no key in this block get out 0 and lse -inf (they merge as "nothing").
-  """
+def _block_attention(q, k, v, mask, scale):
+  """Softmax of q over one key block with its log-sum-exp; mask [B, Sq, Sk]."""
   b, sq, hq, d = q.shape
   hkv = k.shape[2]
-  scale = d ** -0.5 if scale is None else scale
   qg = q.float().reshape(b, sq, hkv, hq // hkv, d)          # GQA: group queries by KV head
   scores = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.float()) * scale
-  mask = attention_mask(seg_q, pos_q, seg_k, pos_k, causal)[:, None, None]
-  scores = scores.masked_fill(~mask, float("-inf"))
+  scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
   row_max = scores.amax(-1, keepdim=True)
   row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
   p = torch.exp(scores - row_max)                             # masked entries: exp(-inf) = 0
@@ -53,6 +48,34 @@ def lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale=Non
   out = torch.einsum("bhgqk,bkhd->bqhgd", p / denom.clamp_min(1e-30), v.float())
   lse = (row_max + torch.log(denom)).squeeze(-1)              # [B, Hkv, G, Sq]
   return out.reshape(b, sq, hq, d), lse.permute(0, 3, 1, 2).reshape(b, sq, hq)
+
+
+def lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale=None,
+                  q_chunk: int = 1024, kv_chunk: int = 4096):
+  """Attention of q to one K/V block with its log-sum-exp: (out fp32, lse fp32).
+
+  Tiled over queries and keys (flash-attention style, merged by `merge`) so memory stays
+  O(q_chunk * kv_chunk) however long the shards are; tiles with nothing visible are skipped.
+  Rows that see no key get out 0 and lse -inf (they merge as "nothing").
+  """
+  b, sq, hq, d = q.shape
+  scale = d ** -0.5 if scale is None else scale
+  out = torch.zeros(b, sq, hq, d, dtype=torch.float32, device=q.device)
+  lse = torch.full((b, sq, hq), float("-inf"), device=q.device)
+  for qs in range(0, sq, q_chunk):
+    qe = min(sq, qs + q_chunk)
+    acc = None
+    for ks in range(0, k.shape[1], kv_chunk):
+      ke = min(k.shape[1], ks + kv_chunk)
+      mask = attention_mask(seg_q[:, qs:qe], pos_q[:, qs:qe], seg_k[:, ks:ke], pos_k[:, ks:ke],
+                            causal)
+      if not bool(mask.any()):
+        continue
+      part = _block_attention(q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], mask, scale)
+      acc = part if acc is None else merge(*acc, *part)
+    if acc is not None:
+      out[:, qs:qe], lse[:, qs:qe] = acc
+  return out, lse
 
 
 def merge(out, lse, block_out, block_lse):
@@ -73,7 +96,8 @@ def _peers(group):
   return world, send_to, recv_from
 
 
-def ring_attention(q, k, v, segment_ids, positions, *, group=None, causal=True, scale=None):
+def ring_attention(q, k, v, segment_ids, positions, *, group=None, causal=True, scale=None,
+                   q_chunk: int = 1024, kv_chunk: int = 4096):
   """Attention over a sequence sharded across the ranks of `group`; returns q's dtype.
 
   Every argument is this rank's shard (any token layout; zigzag balances causal work). K/V and
@@ -90,7 +114,7 @@ def ring_attention(q, k, v, segment_ids, positions, *, group=None, causal=True, 
       ops += [dist.P2POp(dist.irecv, t, recv_from, group) for t in incoming]
       pending = dist.batch_isend_irecv(ops)
     part = lse_attention(q, block[0], block[1], segment_ids, positions, block[2], block[3],
-                         causal=causal, scale=scale)
+                         causal=causal, scale=scale, q_chunk=q_chunk, kv_chunk=kv_chunk)
     out, lse = part if out is None else merge(out, lse, *part)
     for request in pending:
       request.wait()
@@ -100,14 +124,14 @@ def ring_attention(q, k, v, segment_ids, positions, *, group=None, causal=True, 
 
 
 def sharded_decode_attention(q, segment_ids, positions, k, v, kv_segment_ids, kv_positions, *,
-                             group=None, scale=None):
+                             group=None, scale=None, kv_chunk: int = 4096):
   """New queries [B, Sq, ...] against a KV cache sharded over `group` (this rank's part given).
 
   Partial softmax per rank, then all-reduce: max of the log-sum-exps, then the sums of the
   rescaled denominators and numerators. Returns q's dtype; identical on every rank.
   """
   out, lse = lse_attention(q, k, v, segment_ids, positions, kv_segment_ids, kv_positions,
-                           causal=True, scale=scale)
+                           causal=True, scale=scale, kv_chunk=kv_chunk)
   top = lse.clone()
   dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
   top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
