@@ -25,8 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from vita_torch.model import dense_attention
-from vita_torch.ring import (
-    lse_attention, ring_attention, sharded_decode_attention, zigzag_indices)
+from vita_torch.ring import lse_attention, ring_attention, sharded_decode_attention, zigzag_indices
 
 DENSE_MAX_TOKENS = 8192     # longer single-process prompts use the tiled attention
 
