@@ -1,12 +1,14 @@
-"""Convert a Hugging Face checkpoint between the `long_vita` and `internvl` layouts.
+"""Convert checkpoints: between the `long_vita` and `internvl` HF layouts, and from a
+training workdir (orbax) to either.
 
     python -m vita_jax.convert SRC DST [--layout internvl|long_vita] [--dtype bfloat16]
         [--max-shard-gb 4]
 
-SRC's layout comes from its config.json; --layout defaults to the other one. --dtype defaults
-to the dtype SRC is stored in. The conversion is exact (a table of names, transposes and
-reshapes; a bias-free projector gets zero biases in the internvl layout). Training
-checkpoints (orbax) are handled by the trainer.
+SRC is an HF directory (its layout comes from its config.json; --layout defaults to the other
+one) or a `vita_jax.train` workdir (its newest checkpoint; --layout defaults to long_vita).
+--dtype defaults to the dtype SRC is stored in (float32 for a workdir). The conversion is exact
+(a table of names, transposes and reshapes; a bias-free projector gets zero biases in the
+internvl layout). The other direction needs no conversion: `--config.init_from=HF_DIR`.
 """
 
 from __future__ import annotations
@@ -34,10 +36,16 @@ def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = N
     read_hf_config,
     save_pretrained,
   )
-  src_layout = detect_layout(read_hf_config(src))
-  layout = layout or next(x for x in LAYOUTS if x != src_layout)
+  from vita_jax.workdir import is_workdir, load_model_from_workdir
   if os.path.abspath(src) == os.path.abspath(dst):
     raise ValueError(f"SRC and DST are the same directory ({src}); write to a new directory")
+  if is_workdir(src):
+    layout, dtype = layout or "long_vita", dtype or "float32"
+    model, _ = load_model_from_workdir(src)
+    save_pretrained(model, dst, layout=layout, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return layout
+  src_layout = detect_layout(read_hf_config(src))
+  layout = layout or next(x for x in LAYOUTS if x != src_layout)
   dtype = dtype or _stored_dtype(src, src_layout)
   model = load_pretrained(src, dtype=dtype)
   save_pretrained(model, dst, layout=layout, dtype=dtype, max_shard_bytes=max_shard_bytes)
@@ -47,7 +55,7 @@ def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = N
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m vita_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("src", help="Hugging Face directory to read (either layout)")
+  parser.add_argument("src", help="Hugging Face directory (either layout) or training workdir")
   parser.add_argument("dst", help="directory to write")
   parser.add_argument("--layout", choices=("long_vita", "internvl"), default=None,
                       help="layout to write (default: the one SRC is not in)")

@@ -88,22 +88,18 @@ def load_initial_weights(config, model) -> None:
   every parameter; the stage-1 sources cover only the LLM or the vision tower.
   """
   from vita_jax import workdir as wd
+  from vita_jax.init_sources import read_weights
   if config.init_from:
     if not os.path.exists(config.init_from):
       raise ConfigError(f"init_from={config.init_from!r} does not exist; pass a previous "
                         "stage's workdir or a Hugging Face checkpoint directory")
     weights = (wd.read_workdir_params(config.init_from) if wd.is_workdir(config.init_from)
-               else _hf_weights(config.init_from))
+               else read_weights(config.init_from, config.model))
     wd.assign_params(model, weights, source=config.init_from, require_all=True)
   for path, part in ((config.init_from_llm, "llm"), (config.init_from_vision, "vision")):
     if path:
-      weights = _hf_weights(path, part=part)
+      weights = read_weights(path, config.model, part=part)
       wd.assign_params(model, weights, source=path, prefix=(part,), require_all=True)
-
-
-def _hf_weights(path: str, part: str | None = None) -> dict:
-  from vita_jax import checkpoint_hf
-  return checkpoint_hf.read_weights_for_model(path, part=part)
 
 
 def _stack_micro_batches(micro: list[dict], tokens_per_tile: int) -> tuple[dict, dict]:

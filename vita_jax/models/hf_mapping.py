@@ -181,14 +181,17 @@ def ignorable_keys(cfg) -> set[str]:
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], cfg, layout: str,
-                   shapes: Mapping[Path, tuple[int, ...]], dtype=None
+                   shapes: Mapping[Path, tuple[int, ...]], dtype=None, parts=None
                    ) -> Iterator[tuple[Path, np.ndarray]]:
   """Yield (our path, array) one parameter at a time, reading `tensors` lazily.
 
   `shapes` gives our full shapes (e.g. from an abstract model); stacked parameters are filled
   layer by layer, so at most one HF tensor beyond the parameter being built is in memory.
+  `parts` (e.g. ("llm",)) limits the table to those top-level modules.
   """
   for rule in rules(cfg, layout):
+    if parts is not None and rule.ours[0] not in parts:
+      continue
     shape = tuple(shapes[rule.ours])
     if not rule.layers:
       arr = rule.load([tensors[k] for k in rule_keys(rule)], shape)
