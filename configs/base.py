@@ -59,7 +59,8 @@ def _vision(image_size, patch_size, hidden, layers, heads, mlp):
   ))
 
 
-def _llm(vocab, hidden, layers, heads, kv_heads, ffn, *, head_dim=None, tie=False):
+def _llm(vocab, hidden, layers, heads, kv_heads, ffn, *, head_dim=None, tie=False,
+         max_positions=1_048_576):
   return ml_collections.ConfigDict(dict(
       vocab_size=vocab,
       hidden_size=hidden,
@@ -72,6 +73,7 @@ def _llm(vocab, hidden, layers, heads, kv_heads, ffn, *, head_dim=None, tie=Fals
       rope_theta=1e6,
       qkv_bias=True,
       tie_embeddings=tie,
+      max_position_embeddings=max_positions,   # longest context (prompts are checked)
   ))
 
 
@@ -80,14 +82,16 @@ def model_config(size: str = "14b") -> ml_collections.ConfigDict:
   if size == "tiny":
     # CPU demo: ~3M parameters; 56 px tiles -> 4x4 patches -> 2x2 = 4 tokens per tile.
     vision = _vision(56, 14, hidden=64, layers=2, heads=4, mlp=256)
-    llm = _llm(vocab=2048, hidden=128, layers=4, heads=4, kv_heads=2, ffn=352)
+    llm = _llm(vocab=2048, hidden=128, layers=4, heads=4, kv_heads=2, ffn=352,
+               max_positions=65_536)
     projector_hidden = 128
     tokens = special_token_ids(_DEMO_FIRST_VISUAL_ID, eos_id=2, pad_id=0)
     max_tiles = 4
   elif size == "small":
     # Benchmarks: the 55M-parameter text shape of the issue tracker plus a small ViT.
     vision = _vision(224, 14, hidden=256, layers=4, heads=4, mlp=1024)
-    llm = _llm(vocab=32000, hidden=512, layers=8, heads=8, kv_heads=2, ffn=1408)
+    llm = _llm(vocab=32000, hidden=512, layers=8, heads=8, kv_heads=2, ffn=1408,
+               max_positions=131_072)
     projector_hidden = 512
     tokens = special_token_ids(_DEMO_FIRST_VISUAL_ID, eos_id=2, pad_id=0)
     max_tiles = 6

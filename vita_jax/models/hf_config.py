@@ -69,6 +69,8 @@ def _llm_from(text: dict, tie: bool):
                   head_dim=text.get("head_dim"), tie=bool(tie))
   llm.rms_norm_eps = float(text.get("rms_norm_eps", 1e-6))
   llm.rope_theta = _rope_theta(text)
+  if text.get("max_position_embeddings"):
+    llm.max_position_embeddings = int(text["max_position_embeddings"])
   return llm
 
 
@@ -144,6 +146,7 @@ def _text_fields(cfg) -> dict:
               num_key_value_heads=llm.num_kv_heads, head_dim=llm.head_dim,
               intermediate_size=llm.ffn_dim, rms_norm_eps=llm.rms_norm_eps, hidden_act="silu",
               tie_word_embeddings=bool(llm.tie_embeddings), use_sliding_window=False,
+              max_position_embeddings=int(llm.max_position_embeddings),
               eos_token_id=_in_vocab(cfg.tokens.eos_id, llm.vocab_size),
               pad_token_id=_in_vocab(cfg.tokens.pad_id, llm.vocab_size))
 
