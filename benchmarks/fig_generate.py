@@ -26,9 +26,8 @@ def shapes(ctx: Context) -> tuple[str, int, int]:
 
 
 def write_checkpoint(size: str, scratch: str) -> str:
-  from configs import stage2
-
   import vita_jax
+  from configs import stage2
   from vita_jax.train import build_model
   config = stage2.get_config(size)
   config.model.compute_dtype = "float32"

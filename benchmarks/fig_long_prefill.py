@@ -27,7 +27,6 @@ def caps(ctx: Context) -> tuple[int, int]:
 
 def tiny_model():
   from configs import stage2
-
   from vita_jax.train import build_model
   config = stage2.get_config("tiny")
   config.model.compute_dtype = "float32"

@@ -14,8 +14,15 @@ import os
 
 import numpy as np
 
-from benchmarks.common import Context, Row, check, jax_matmul_peak, median, time_call
-from benchmarks.common import torch_matmul_peak
+from benchmarks.common import (
+  Context,
+  Row,
+  check,
+  jax_matmul_peak,
+  median,
+  time_call,
+  torch_matmul_peak,
+)
 
 FIGURE = "1 train"
 
