@@ -1,0 +1,53 @@
+"""Training checkpoints: round trip with the data-iterator state, keep-last-K, and falling back
+past a corrupt newest checkpoint; metrics.jsonl is cut back to the restored step."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vita_jax.checkpointing import Checkpointer
+from vita_jax.metrics import MetricsWriter, read_metrics
+
+
+def _state(v):
+  return {"params": {"w": jnp.full((4, 3), v, jnp.float32)}, "step": jnp.int32(v)}
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def test_round_trip_keep_last_and_corrupt_fallback(tmp_path, capsys):
+  ckpt = Checkpointer(str(tmp_path / "ck"), keep=2)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(step), {"pos": step, "blob": b"\x00\x01"}, {"stage": 2})
+  ckpt.wait()
+  assert ckpt.all_steps() == [2, 3]                         # keep-last-2
+  step, state, data, meta = ckpt.restore(_abstract(_state(0)))
+  assert step == 3 and data == {"pos": 3, "blob": b"\x00\x01"} and meta == {"stage": 2}
+  np.testing.assert_array_equal(state["params"]["w"], np.full((4, 3), 3.0))
+
+  # Corrupt every file of the newest checkpoint's state: restore reports it, uses step 2.
+  for root, _, files in os.walk(tmp_path / "ck" / "3" / "state"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  step, state, data, _ = Checkpointer(str(tmp_path / "ck"), keep=2).restore(
+      _abstract(_state(0)))
+  assert step == 2 and data["pos"] == 2
+  np.testing.assert_array_equal(state["params"]["w"], np.full((4, 3), 2.0))
+  assert "checkpoint step 3 is unreadable" in capsys.readouterr().out
+
+
+def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
+  writer = MetricsWriter(str(tmp_path), resume_step=0)
+  for step in range(1, 6):
+    writer.write(step, {"loss": 1.0 / step, "bad": float("nan")})
+  writer.close()
+  MetricsWriter(str(tmp_path), resume_step=3).close()
+  records = read_metrics(str(tmp_path))
+  assert [r["step"] for r in records] == [1, 2, 3]
+  assert records[0]["bad"] == "nan" and json.dumps(records)   # NaN kept visible, valid JSON
