@@ -205,7 +205,7 @@ def stage_config(*, stage: int, size: str, seq_len: int, trainable: tuple[str, .
       # "name=weight,..." — each name resolves to <data_root>/<name>/*.jsonl
       mixture="demo=1.0" if demo else ",".join(f"{k}={v}" for k, v in (mixture or {}).items()),
       manifest="",                            # a user's own manifest overrides the mixture
-      eval_manifest="",
+      eval_manifest="runs/demo_data/demo_eval/eval.jsonl" if demo else "",
       tokenizer="runs/demo_data/tokenizer" if demo else "",
       truncate_long_samples=False,            # drop (default) or truncate at a turn boundary
       max_bad_fraction=0.01,                  # stop when more samples than this are bad
@@ -235,7 +235,8 @@ def stage_config(*, stage: int, size: str, seq_len: int, trainable: tuple[str, .
       log_every=10 if demo else 50,
       checkpoint_every=100 if demo else 1000,
       keep_checkpoints=3,
-      eval_every=0,
+      eval_every=100 if demo else 0,          # >0: held-out loss on data.eval_manifest
+      eval_batches=8,
       max_consecutive_nonfinite=5,
       peak_tflops_per_device=0.0,             # 0 = measure with a matmul at start (CPU)
   ))

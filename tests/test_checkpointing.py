@@ -7,8 +7,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from vita_jax.checkpointing import Checkpointer
+from vita_jax.checkpointing import Checkpointer, RestoreError
 from vita_jax.metrics import MetricsWriter, read_metrics
 
 
@@ -40,6 +41,15 @@ def test_round_trip_keep_last_and_corrupt_fallback(tmp_path, capsys):
   assert step == 2 and data["pos"] == 2
   np.testing.assert_array_equal(state["params"]["w"], np.full((4, 3), 2.0))
   assert "checkpoint step 3 is unreadable" in capsys.readouterr().out
+
+
+def test_incompatible_checkpoints_are_an_error_not_a_fresh_start(tmp_path):
+  ckpt = Checkpointer(str(tmp_path / "ck"), keep=2)
+  ckpt.save(1, _state(1), {"pos": 1})
+  ckpt.close()
+  other = {"params": {"w": jnp.zeros((5, 3), jnp.float32)}, "step": jnp.int32(0)}
+  with pytest.raises(RestoreError, match="could be restored.*new --workdir"):
+    Checkpointer(str(tmp_path / "ck")).restore(_abstract(other))
 
 
 def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):

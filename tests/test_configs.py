@@ -1,4 +1,4 @@
-"""Every stage x every size loads; 14b matches DESIGN §2/§3; overrides and validation fail clearly."""
+"""Every stage x every size loads; 14b matches DESIGN §2-§3; bad overrides fail clearly."""
 
 import subprocess
 import sys

@@ -145,7 +145,7 @@ def test_select_logits_matches_full_rows():
   _assert_close(select_logits(hidden, weight, several), want, 1e-6)
   for cfg in ({"seq": 4, "data": 2}, {"seq": 2, "tensor": 4}):
     mesh = make_mesh(cfg)
-    got = jax.jit(lambda h, w, i: select_logits(h, w, i, mesh=mesh))(hidden, weight, several)
+    got = jax.jit(lambda h, w, i, m=mesh: select_logits(h, w, i, mesh=m))(hidden, weight, several)
     _assert_close(got, want, 1e-6)
     _assert_close(select_logits(hidden, weight, last, mesh=mesh), full[jnp.arange(2), last], 1e-6)
 

@@ -8,8 +8,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from vita_jax.parallel import make_mesh, resolve_mesh_shape
-from vita_jax.parallel.sharding import (batch_sharding, constrain, logical_to_spec,
-                                        shard_state, state_shardings)
+from vita_jax.parallel.sharding import (
+  batch_sharding,
+  constrain,
+  logical_to_spec,
+  shard_state,
+  state_shardings,
+)
 
 
 def test_eight_fake_devices():

@@ -19,6 +19,7 @@ from vita_jax.workdir import assign_params
 
 def _small(config, steps=2, seq_len=256, batch=2):
   config.train.steps = steps
+  config.train.eval_every = 0
   config.train.log_every = 1
   config.train.checkpoint_every = 1000
   config.train.peak_tflops_per_device = 1.0   # skip the peak measurement
@@ -28,21 +29,26 @@ def _small(config, steps=2, seq_len=256, batch=2):
   return config
 
 
-def _losses(workdir):
-  return [m["loss"] for m in read_metrics(str(workdir))]
+def _losses(workdir, key="loss"):
+  return [m[key] for m in read_metrics(str(workdir)) if key in m]
 
 
 @pytest.mark.parametrize("stage", [stage2, stage3], ids=["stage2", "stage3"])
 def test_loss_on_data2_seq4_mesh_equals_single_device(stage, tmp_path):
-  single = _small(stage.get_config("tiny"))
-  single.mesh.update(data=1)
-  train(single, str(tmp_path / "one"), devices=jax.devices()[:1])
-  sharded = _small(stage.get_config("tiny"))
-  sharded.mesh.update(data=2, seq=4)
-  train(sharded, str(tmp_path / "eight"))
-  one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
-  assert len(one) == len(eight) == 2
+  """Train and held-out losses on (data=2, seq=4) — zigzag layout, ring attention, tiles
+  split over data — equal the single-device run."""
+  runs = {}
+  for name, mesh, devices in (("one", {"data": 1}, jax.devices()[:1]),
+                              ("eight", {"data": 2, "seq": 4}, None)):
+    config = _small(stage.get_config("tiny"))
+    config.mesh.update(mesh)
+    config.train.eval_every, config.train.eval_batches = 2, 1
+    train(config, str(tmp_path / name), devices=devices)
+    runs[name] = _losses(tmp_path / name), _losses(tmp_path / name, "eval_loss")
+  (one, one_eval), (eight, eight_eval) = runs["one"], runs["eight"]
+  assert len(one) == len(eight) == 2 and len(one_eval) == len(eight_eval) == 1
   np.testing.assert_allclose(eight, one, rtol=1e-5)
+  np.testing.assert_allclose(eight_eval, one_eval, rtol=1e-5)
   assert one[1] != one[0]  # the step changed the params
 
 

@@ -18,7 +18,7 @@ def _command(workdir):
           "--config.train.checkpoint_every=2", "--config.train.log_every=1",
           "--config.train.peak_tflops_per_device=1", "--config.data.seq_len=256",
           "--config.data.global_batch_size=2", "--config.data.tiles_per_batch=16",
-          "--config.mesh.data=1"]
+          "--config.mesh.data=1", "--config.train.eval_every=0"]
 
 
 def _env():

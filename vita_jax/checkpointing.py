@@ -31,6 +31,10 @@ def _decode_data_state(blob: dict) -> Any:
   return pickle.loads(base64.b64decode(blob["pickle"]))
 
 
+class RestoreError(RuntimeError):
+  pass
+
+
 class Checkpointer:
   """`save(step, state, data_state, meta)` / `restore(abstract_state)` under `directory`."""
 
@@ -57,21 +61,35 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def restore(self, abstract_state: Any, step: int | None = None):
-    """(step, state, data_state, meta) of the newest loadable checkpoint, or None if none."""
+    """(step, state, data_state, meta) of the newest loadable checkpoint, or None if none.
+
+    A newest checkpoint that fails to load is reported and the one before it used; when
+    checkpoints exist but none loads (a changed model size, trainable set or mesh), it is an
+    error rather than a silent fresh start.
+    """
     steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    errors = []
     for candidate in steps:
       try:
         restored = self.manager.restore(candidate, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-      except Exception as e:  # corrupt or incompatible: say so, fall back to the previous one
-        logging.warning("checkpoint at step %d in %s could not be restored (%s: %s); trying "
-                        "the previous one", candidate, self.directory, type(e).__name__, e)
+      except Exception as e:  # unreadable or incompatible: try the previous one
+        errors.append((candidate, e))
+        logging.warning("checkpoint at step %d in %s could not be restored (%s: %s)",
+                        candidate, self.directory, type(e).__name__, e)
         print(f"warning: checkpoint step {candidate} is unreadable ({type(e).__name__}); "
               "falling back to the previous checkpoint", flush=True)
         continue
       return (candidate, restored["state"], _decode_data_state(restored["data"]),
               dict(restored["meta"]))
+    if errors:
+      first_step, first = errors[0]
+      raise RestoreError(
+          f"none of the checkpoints in {self.directory} (steps {[s for s, _ in errors]}) could "
+          f"be restored; step {first_step} failed with {type(first).__name__}: "
+          f"{str(first)[:500]}. If the model size, trainable modules or mesh changed, start a "
+          "new --workdir (and pass this one as --config.init_from).")
     return None
 
   def wait(self) -> None:

@@ -32,7 +32,8 @@ def vision_forward_flops_per_tile(model: ml_collections.ConfigDict) -> float:
   v = model.vision
   n = (v.image_size // v.patch_size) ** 2 + 1
   patch = 2 * (n - 1) * v.patch_size ** 2 * 3 * v.hidden_size
-  layer = 2 * n * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.mlp_dim) + 4 * n * n * v.hidden_size
+  matmuls = 4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.mlp_dim
+  layer = 2 * n * matmuls + 4 * n * n * v.hidden_size
   shuffled = int(round(v.hidden_size / model.downsample_ratio ** 2))
   proj = 2 * tokens_per_tile(model) * (shuffled * model.projector.hidden_size +
                                        model.projector.hidden_size * model.llm.hidden_size)

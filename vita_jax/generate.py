@@ -270,8 +270,8 @@ def _runner(model, seq_shards: int) -> _Runner:
   devices = jax.devices()
   if not 1 <= seq_shards <= len(devices):
     raise ConfigError(f"seq_shards={seq_shards} needs that many devices but {len(devices)} are "
-                      f"available; use --seq_shards between 1 and {len(devices)} (on CPU, fake devices come "
-                      "from XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+                      f"available; use --seq_shards between 1 and {len(devices)} (on CPU, fake "
+                      "devices come from XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   per_model = _RUNNERS.setdefault(model, {})
   if seq_shards not in per_model:
     mesh = make_mesh({"data": 1, "fsdp": 1, "seq": seq_shards, "tensor": 1},

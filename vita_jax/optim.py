@@ -87,7 +87,8 @@ def make_optimizer(params, logical_axes, train: ml_collections.ConfigDict
   """Adam chain over the trainable `params` (nested dict of arrays), skipping non-finite steps.
 
   `optax.apply_if_finite` leaves params and moments untouched on a NaN/Inf gradient and counts
-  it; the trainer stops after `max_consecutive_nonfinite` of them in a row.
+  it; the trainer stops after `max_consecutive_nonfinite` of them in a row. Its own give-up
+  limit is set out of reach: a non-finite update is never applied.
   """
   schedule = learning_rate_schedule(train)
   chain = [optax.clip_by_global_norm(train.grad_clip),
@@ -97,8 +98,7 @@ def make_optimizer(params, logical_axes, train: ml_collections.ConfigDict
   if train.vision_lr_mult != 1.0 or train.layer_decay != 1.0:
     chain.append(scale_by_tree(lr_multipliers(params, logical_axes, train)))
   chain.append(optax.scale_by_learning_rate(schedule))
-  tx = optax.apply_if_finite(optax.chain(*chain),
-                             max_consecutive_errors=int(train.max_consecutive_nonfinite))
+  tx = optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**30)
   return tx, schedule
 
 

@@ -25,6 +25,7 @@ from absl import flags, logging
 from configs.base import tokens_per_tile
 from vita_jax import cli
 from vita_jax import config as config_lib
+from vita_jax.checkpointing import Checkpointer, RestoreError
 from vita_jax.parallel.mesh import ConfigError, make_mesh
 
 _CONFIG = cli.define_config_flag()
@@ -149,7 +150,6 @@ def train(config, workdir: str, devices=None) -> dict:
 
   from vita_jax import flops as flops_lib
   from vita_jax import optim, train_state
-  from vita_jax.checkpointing import Checkpointer
   from vita_jax.data.pipeline import make_train_iterator
   from vita_jax.metrics import MetricsWriter
 
@@ -164,8 +164,10 @@ def train(config, workdir: str, devices=None) -> dict:
   if primary:
     from vita_jax.workdir import save_config
     save_config(config, workdir)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints)
   model = build_model(config, mesh)
-  load_initial_weights(config, model)
+  if ckpt.latest_step() is None:        # a resumed run has its own weights
+    load_initial_weights(config, model)
   split, params, frozen = train_state.split_model(model, tuple(train_cfg.trainable))
   del model
   tx, schedule = optim.make_optimizer(params, split.trainable_axes, train_cfg)
@@ -184,6 +186,7 @@ def train(config, workdir: str, devices=None) -> dict:
 
   step_fn = jax.jit(train_state.make_train_step(split, tx, schedule, config),
                     donate_argnums=(0,), out_shardings=(state_sh, None))
+  evaluate = _make_evaluator(config, split, shape, mesh) if train_cfg.eval_every else None
 
   # Data: micro-batches of global_batch / grad_accum rows, this process's share only.
   data_cfg = copy.deepcopy(config)
@@ -193,7 +196,6 @@ def train(config, workdir: str, devices=None) -> dict:
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count())
 
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints)
   start_step = 0
   abstract = {"state": jax.tree.map(_abstract, state), "frozen": jax.tree.map(_abstract, frozen)}
   restored = ckpt.restore(abstract) if ckpt.latest_step() is not None else None
@@ -216,7 +218,18 @@ def train(config, workdir: str, devices=None) -> dict:
     ckpt.save(step, {"state": state, "frozen": frozen}, data_iter.get_state(),
               {"stage": config.stage, "size": config.model.size}, force=force)
 
+  def check_finite(metrics, step: int):
+    consecutive = int(metrics["nonfinite_consecutive"])
+    if consecutive >= train_cfg.max_consecutive_nonfinite:
+      ckpt.wait()
+      raise NonFiniteLossError(
+          f"{consecutive} consecutive steps up to step {step} had a non-finite loss or "
+          "gradient; those updates were skipped, so the parameters are those of step "
+          f"{step - consecutive}. Lower train.peak_lr, check the data, or resume from the last "
+          "checkpoint.")
+
   last: dict = {}
+  previous = None
   window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
   progress = tqdm(total=train_cfg.steps, initial=start_step, disable=not primary,
                   dynamic_ncols=True, desc=f"stage {config.stage}")
@@ -232,9 +245,15 @@ def train(config, workdir: str, devices=None) -> dict:
     state, metrics = step_fn(state, frozen, _global_batch(stacked, mesh))
     done = step + 1
     progress.update(1)
+    if previous is not None:     # one step late, so the host never waits on the device
+      check_finite(previous, done - 1)
+    previous = metrics
 
-    log_now = done % train_cfg.log_every == 0 or done == train_cfg.steps
-    if log_now or preempted["flag"]:
+    eval_now = evaluate is not None and (done % train_cfg.eval_every == 0
+                                         or done == train_cfg.steps)
+    log_now = (done % train_cfg.log_every == 0 or done == train_cfg.steps or eval_now
+               or preempted["flag"])
+    if log_now:
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - window_start
       last = dict(loss=float(metrics["loss"]), lr=float(metrics["lr"]),
@@ -243,22 +262,19 @@ def train(config, workdir: str, devices=None) -> dict:
                   supervised_tokens=int(metrics["supervised_tokens"]),
                   nonfinite_steps=int(metrics["nonfinite_total"]))
       last.update({k: _scalar(v) for k, v in counters.items()})
+      if eval_now:
+        last["eval_loss"] = evaluate(state["params"], frozen)
       writer.write(done, last)
       progress.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                           mfu=f"{last['mfu']:.1%}")
-      if int(metrics["nonfinite_consecutive"]) >= train_cfg.max_consecutive_nonfinite:
-        ckpt.wait()
-        raise NonFiniteLossError(
-            f"{int(metrics['nonfinite_consecutive'])} consecutive steps up to step {done} had a "
-            "non-finite loss or gradient; those updates were skipped and the parameters are "
-            "unchanged since. Lower train.peak_lr, check the data, or resume from the last "
-            "checkpoint.")
+                           mfu=f"{last['mfu']:.1%}",
+                           **({"eval": f"{last['eval_loss']:.4f}"} if eval_now else {}))
+      check_finite(metrics, done)
       window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
 
-    if done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps:
-      save(done)
+    if (done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps
+        or preempted["flag"]):
+      save(done, force=preempted["flag"])
     if preempted["flag"]:
-      save(done, force=True)
       ckpt.close()
       print(f"SIGTERM: saved a checkpoint at step {done}; exiting", flush=True)
       sys.exit(143)
@@ -266,6 +282,28 @@ def train(config, workdir: str, devices=None) -> dict:
   ckpt.close()
   writer.close()
   return last
+
+
+def _make_evaluator(config, split, shape, mesh):
+  """Held-out loss over the first `train.eval_batches` batches of `data.eval_manifest`
+  (supervised-token mean), computed with the training model's current parameters."""
+  from vita_jax import train_state
+  from vita_jax.data.pipeline import make_train_iterator
+  eval_step = jax.jit(train_state.make_eval_step(split, config))
+  tpt = tokens_per_tile(config.model)
+
+  def evaluate(params, frozen) -> float:
+    batches = make_train_iterator(config, seq_shards=shape["seq"], split="eval",
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    loss_sum, count = 0.0, 0.0
+    for _, batch in zip(range(config.train.eval_batches), batches):
+      stacked, _ = _stack_micro_batches([batch], tpt)
+      s, c = eval_step(params, frozen, _global_batch(stacked, mesh))
+      loss_sum, count = loss_sum + float(s), count + float(c)
+    return loss_sum / max(count, 1.0)
+
+  return evaluate
 
 
 def _abstract(x):
@@ -284,7 +322,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     train(_CONFIG.value, _WORKDIR.value)
-  except NonFiniteLossError as e:
+  except (NonFiniteLossError, RestoreError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
   except FileNotFoundError as e:

@@ -74,11 +74,8 @@ def shardings_like(pure_tree, axes_tree, mesh):
       axes_tree, pure_tree, is_leaf=is_axes)
 
 
-def make_train_step(split: Split, tx: optax.GradientTransformation, schedule,
-                    config: ml_collections.ConfigDict):
-  """step(state, frozen, batches) -> (state, metrics); `batches` stacks grad_accum
-  micro-batches on a leading axis. The loss is the supervised-token mean over the whole
-  global batch: sums and counts are accumulated separately and divided once."""
+def _loss_sum_fn(split: Split, config: ml_collections.ConfigDict):
+  """(params, frozen, micro-batch) -> (loss_sum, supervised-token count) of one micro-batch."""
   chunk = int(config.train.lm_head_chunk)
   z_loss = float(config.train.z_loss)
 
@@ -91,7 +88,29 @@ def make_train_step(split: Split, tx: optax.GradientTransformation, schedule,
                                             chunk_size=chunk, z_loss=z_loss, mesh=model.mesh)
     return loss_sum, count
 
-  grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
+  return loss_sum_fn
+
+
+def make_eval_step(split: Split, config: ml_collections.ConfigDict):
+  """eval(params, frozen, batches) -> (loss_sum, count) summed over stacked micro-batches."""
+  loss_sum_fn = _loss_sum_fn(split, config)
+
+  def evaluate(params, frozen, batches):
+    def body(carry, micro):
+      loss_sum, count = loss_sum_fn(params, frozen, micro)
+      return (carry[0] + loss_sum, carry[1] + count.astype(jnp.float32)), None
+    (loss_sum, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), batches)
+    return loss_sum, count
+
+  return evaluate
+
+
+def make_train_step(split: Split, tx: optax.GradientTransformation, schedule,
+                    config: ml_collections.ConfigDict):
+  """step(state, frozen, batches) -> (state, metrics); `batches` stacks grad_accum
+  micro-batches on a leading axis. The loss is the supervised-token mean over the whole
+  global batch: sums and counts are accumulated separately and divided once."""
+  grad_fn = jax.value_and_grad(_loss_sum_fn(split, config), has_aux=True)
 
   def step(state, frozen, batches):
     params = state["params"]

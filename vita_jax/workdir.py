@@ -107,7 +107,9 @@ def assign_params(model: nnx.Module, weights: dict[tuple, np.ndarray], *, source
           f"(e.g. {', '.join(missing[:3])})", flush=True)
   for path, value in weights.items():
     var = current[path]
-    var.set_value(jax.numpy.asarray(value, var.get_value().dtype))
+    old = var.get_value()
+    # Keep the parameter's placement: a sharded model stays sharded while it is filled.
+    var.set_value(jax.device_put(np.asarray(value, old.dtype), old.sharding))
   return list(weights)
 
 
