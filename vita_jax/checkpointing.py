@@ -14,6 +14,7 @@ import os
 import pickle
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -46,8 +47,20 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     del primary_host  # orbax coordinates multi-process writes itself
 
+  def _data_state_file(self, step: int, process: int) -> str:
+    return os.path.join(self.directory, "data_states", str(step), f"process_{process}.json")
+
   def save(self, step: int, state: Any, data_state: Any = None, meta: dict | None = None,
            *, force: bool = False) -> bool:
+    """Orbax writes the arrays (all processes) and process 0's data state; with several
+    processes each also keeps its own data-iterator state beside it, since every process
+    reads a different part of the data."""
+    if jax.process_count() > 1:
+      path = self._data_state_file(step, jax.process_index())
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path + ".tmp", "w") as f:
+        json.dump(_encode_data_state(data_state), f)
+      os.replace(path + ".tmp", path)
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(_encode_data_state(data_state)),
@@ -81,8 +94,12 @@ class Checkpointer:
         print(f"warning: checkpoint step {candidate} is unreadable ({type(e).__name__}); "
               "falling back to the previous checkpoint", flush=True)
         continue
-      return (candidate, restored["state"], _decode_data_state(restored["data"]),
-              dict(restored["meta"]))
+      data = restored["data"]
+      own = self._data_state_file(candidate, jax.process_index())
+      if jax.process_count() > 1 and os.path.exists(own):
+        with open(own) as f:
+          data = json.load(f)
+      return candidate, restored["state"], _decode_data_state(data), dict(restored["meta"])
     if errors:
       first_step, first = errors[0]
       raise RestoreError(
