@@ -130,6 +130,7 @@ def run(ctx: Context) -> list[Row]:
   ctx.log(f"  train: {size} B={batch} S={seq}; compiling the JAX step")
   # Two warm-up steps: the first step's outputs are committed arrays, so the second call
   # compiles once more for them; every later step reuses that program.
+  jax_peak = jax_matmul_peak()
   jax_times = time_call(jax_step, ctx.repeats, warmup=2)
 
   tc = config.train
@@ -146,13 +147,16 @@ def run(ctx: Context) -> list[Row]:
     opt.step()
     torch_loss.setdefault("loss", float(out.loss))
 
-  torch_times = time_call(torch_step, ctx.repeats, warmup=1)
-  jax_peak = jax_matmul_peak()
   torch_peak = torch_matmul_peak()
+  torch_times = time_call(torch_step, ctx.repeats, warmup=1)
+  # Peaks are sampled before and after the steps and the best is used: background load can
+  # only lower a sample, and a lower peak would flatter the MFU.
+  jax_peak += jax_matmul_peak()
+  torch_peak += torch_matmul_peak()
 
   ours_tps, theirs_tps = tokens / median(jax_times), tokens / median(torch_times)
-  ours_mfu = model_flops / median(jax_times) / median(jax_peak)
-  theirs_mfu = model_flops / median(torch_times) / median(torch_peak)
+  ours_mfu = model_flops / median(jax_times) / max(jax_peak)
+  theirs_mfu = model_flops / median(torch_times) / max(torch_peak)
   loss_note = (f"first-step loss {holder['loss']:.4f} (ours) vs {torch_loss['loss']:.4f} "
                "(transformers): same weights and batch")
   shape = f"{size} text, B={batch} x S={seq}, fp32"
@@ -165,6 +169,6 @@ def run(ctx: Context) -> list[Row]:
           theirs_mfu, "transformers + torch AdamW", ours_mfu / theirs_mfu, ">= 0.60 MFU",
           check(ours_mfu, ">=", 0.60),
           {"jax_peak_flops": jax_peak, "torch_peak_flops": torch_peak},
-          f"model FLOPs/step {model_flops:.3g}; peaks {median(jax_peak) / 1e9:.0f} (JAX) and "
-          f"{median(torch_peak) / 1e9:.0f} (torch) GFLOP/s"),
+          f"model FLOPs/step {model_flops:.3g}; best peaks {max(jax_peak) / 1e9:.0f} (JAX) and "
+          f"{max(torch_peak) / 1e9:.0f} (torch) GFLOP/s"),
   ]
