@@ -191,11 +191,12 @@ def estimate(config: ml_collections.ConfigDict, mesh_shape: dict) -> Estimate:
   if c != pbytes:
     kept["layer weights in compute dtype"] = layer_elems * c
 
-  # The batch: token arrays split like activations; pixels replicated (as train.py feeds them).
+  # The batch: token arrays split like activations; pixels split over data*fsdp like the rows
+  # (as train.py feeds them; replicated where the tile budget does not divide).
   tiles = tile_budget(config)
   v = model.vision
-  pixels = tiles * v.image_size ** 2 * 3 * 4
-  kept["batch inputs"] = accum * (4 * tok * 4 + pixels)
+  pixels = _split(tiles, ms, ("data", "fsdp")) * v.image_size ** 2 * 3 * 4
+  kept["batch inputs"] = accum * (5 * tok * 4 + pixels)
   arguments = kept["params (master, all modules)"] + kept["optimizer (Adam mu + nu)"] + \
       kept["batch inputs"]
 
@@ -256,8 +257,8 @@ def estimate(config: ml_collections.ConfigDict, mesh_shape: dict) -> Estimate:
   proj = tiles_local * tpt * (2 * 4 * v.hidden_size * c + 2 * model.projector.hidden_size * c)
   features = tiles * tpt * d * c        # gathered to place them at the context tokens
   vision_phase = {}
-  # Patchifying the replicated pixels happens on every device: the [tiles*patches, p*p*3]
-  # matrix and its gathered copy; kept for the patch-embedding gradient when vision trains.
+  # Patchifying this device's pixels: the [tiles*patches, p*p*3] matrix and a gathered copy;
+  # kept for the patch-embedding gradient when vision trains.
   patchify = 2 * pixels
   if "vision" in trainable:
     kept["patchified pixels"] = patchify

@@ -249,10 +249,11 @@ def compiled_memory(config, shape: dict[str, int]) -> dict[str, int]:
   tokens = NamedSharding(mesh, logical_to_spec((None, "batch", "length"), mesh))
   side = config.model.vision.image_size
   batch = {k: jax.ShapeDtypeStruct((accum, rows, seq), jax.numpy.int32, sharding=tokens)
-           for k in ("input_ids", "labels", "positions", "segment_ids")}
-  batch["pixel_values"] = jax.ShapeDtypeStruct(
-      (accum, memory_model.tile_budget(config), side, side, 3), jax.numpy.float32,
-      sharding=replicated)
+           for k in ("input_ids", "labels", "positions", "segment_ids", "context_index")}
+  pixel_shape = (accum, memory_model.tile_budget(config), side, side, 3)
+  pixels = NamedSharding(mesh, logical_to_spec((None, "batch", None, None, None), mesh,
+                                               pixel_shape))   # as train.py feeds them
+  batch["pixel_values"] = jax.ShapeDtypeStruct(pixel_shape, jax.numpy.float32, sharding=pixels)
   step = jax.jit(train_state.make_train_step(split, tx, schedule, config), donate_argnums=(0,),
                  out_shardings=(state_sh, None))
   analysis = step.lower(state, frozen, batch).compile().memory_analysis()
