@@ -82,19 +82,6 @@ def sample(logits, generator, temperature: float = 0.0, top_k: int = 0, top_p: f
   return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def _feature_index(model, ids, segment_ids, pixel_values):
-  """Which visual token each context token takes (counted over batch then sequence)."""
-  mask = model.context_mask(ids) & (segment_ids > 0)
-  if pixel_values is not None:
-    cfg = model.cfg
-    tpt = int((cfg.vision.image_size // cfg.vision.patch_size * cfg.downsample_ratio) ** 2)
-    if int(mask.sum()) != pixel_values.shape[0] * tpt:
-      raise ValueError(f"the prompt has {int(mask.sum())} visual context tokens but "
-                       f"pixel_values gives {pixel_values.shape[0]} tiles x {tpt}; build the "
-                       "prompt with vita_jax.data.conversation so every tile has its block")
-  return (torch.cumsum(mask.reshape(-1).long(), 0) - 1).reshape(mask.shape)
-
-
 def _world(context_parallel: bool, group):
   if not context_parallel:
     return 1, 0
@@ -122,8 +109,11 @@ def prefill(model, input_ids, pixel_values=None, *, context_parallel: bool = Fal
   full_ids = F.pad(ids, (0, padded - s), value=fill)
   full_seg = (torch.arange(padded, device=device) < s).long().expand(b, padded)
   full_pos = torch.arange(padded, device=device).expand(b, padded)
-  fidx = _feature_index(model, full_ids, full_seg, pixel_values)
   index = zigzag_indices(padded, rank, world).to(device)
+  fidx = None                                        # which visual token each context token takes
+  if pixel_values is not None:
+    fidx = F.pad(model.feature_index(ids, pixel_values.shape[0]), (0, padded - s), value=-1)
+    fidx = fidx[:, index]
   seg, pos = full_seg[:, index], full_pos[:, index]
   cache = KVCache(model, b, index.numel() + extra_slots)
   cache.add(seg, pos)
@@ -136,7 +126,7 @@ def prefill(model, input_ids, pixel_values=None, *, context_parallel: bool = Fal
       return lse_attention(q, k, v, seg, pos, seg, pos)[0].to(q.dtype)
     return dense_attention(q, k, v, seg, pos)
 
-  x = model.embed(full_ids[:, index], pixel_values, fidx[:, index])
+  x = model.embed(full_ids[:, index], pixel_values, fidx)
   hidden = model.decode(x, pos, attend)
   cache.commit()
   last = hidden[:, index == s - 1].sum(1)            # zeros on ranks without the last token

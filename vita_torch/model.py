@@ -16,6 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from configs.base import context_token_ids, tokens_per_tile
+from vita_jax.data.context import check_visual_tokens, context_index
+from vita_torch.vision import InternViT, Projector
+
 # Shapes: q [B, S, Hq, D], k/v [B, S, Hkv, D], segment ids / positions [B, S] (int).
 
 
@@ -58,12 +62,6 @@ def apply_rope(x, cos, sin):
   return (xf * cos[:, :, None] + rotated * sin[:, :, None]).to(x.dtype)
 
 
-def layer_norm(module: nn.LayerNorm, x):
-  """LayerNorm with fp32 statistics (as vita_jax), result in x's dtype."""
-  return F.layer_norm(x.float(), module.normalized_shape, module.weight.float(),
-                      module.bias.float(), module.eps).to(x.dtype)
-
-
 class RMSNorm(nn.Module):
   def __init__(self, dim: int, eps: float):
     super().__init__()
@@ -74,118 +72,6 @@ class RMSNorm(nn.Module):
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
     return self.weight * y.to(x.dtype)
-
-
-# ---------------------------------------------------------------- InternViT (OpenGVLab names)
-
-class VisionEmbeddings(nn.Module):
-  def __init__(self, cfg):
-    super().__init__()
-    d, p = cfg.hidden_size, cfg.patch_size
-    self.side = cfg.image_size // p
-    self.class_embedding = nn.Parameter(torch.zeros(1, 1, d))
-    self.patch_embedding = nn.Conv2d(3, d, kernel_size=p, stride=p)
-    self.position_embedding = nn.Parameter(torch.zeros(1, 1 + self.side ** 2, d))
-
-  def forward(self, pixel_values):                   # [T, 3, H, W] -> [T, 1 + N, D]
-    x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
-    side = x.shape[-1]
-    x = x.flatten(2).transpose(1, 2)
-    pos = self.position_embedding
-    if side != self.side:                            # bicubic resize of the patch grid, CLS kept
-      grid = pos[:, 1:].reshape(1, self.side, self.side, -1).permute(0, 3, 1, 2).float()
-      grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
-      pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, side * side, -1)
-                       .to(pos.dtype)], 1)
-    cls = self.class_embedding.expand(x.shape[0], -1, -1).to(x.dtype)
-    return torch.cat([cls, x], 1) + pos.to(x.dtype)
-
-
-class VisionAttention(nn.Module):
-  def __init__(self, cfg):
-    super().__init__()
-    self.heads = cfg.num_heads
-    self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
-    self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-
-  def forward(self, x):
-    t, n, d = x.shape
-    q, k, v = self.qkv(x).view(t, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-    o = F.scaled_dot_product_attention(q, k, v)      # bidirectional within a tile
-    return self.proj(o.transpose(1, 2).reshape(t, n, d))
-
-
-class VisionMLP(nn.Module):
-  def __init__(self, cfg):
-    super().__init__()
-    self.fc1 = nn.Linear(cfg.hidden_size, cfg.mlp_dim)
-    self.fc2 = nn.Linear(cfg.mlp_dim, cfg.hidden_size)
-
-  def forward(self, x):
-    return self.fc2(F.gelu(self.fc1(x)))
-
-
-class VisionLayer(nn.Module):
-  def __init__(self, cfg):
-    super().__init__()
-    d = cfg.hidden_size
-    self.norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-    self.attn = VisionAttention(cfg)
-    self.ls1 = nn.Parameter(torch.full((d,), cfg.layer_scale_init))
-    self.norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-    self.mlp = VisionMLP(cfg)
-    self.ls2 = nn.Parameter(torch.full((d,), cfg.layer_scale_init))
-
-  def forward(self, x):
-    x = x + self.ls1 * self.attn(layer_norm(self.norm1, x))
-    return x + self.ls2 * self.mlp(layer_norm(self.norm2, x))
-
-
-class VisionEncoder(nn.Module):
-  def __init__(self, cfg):
-    super().__init__()
-    self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))
-
-
-class InternViT(nn.Module):
-  def __init__(self, cfg):
-    super().__init__()
-    self.embeddings = VisionEmbeddings(cfg)
-    self.encoder = VisionEncoder(cfg)
-
-  def forward(self, pixel_values):                   # [T, 3, H, W] -> [T, N, D] (CLS dropped)
-    x = self.embeddings(pixel_values)
-    for layer in self.encoder.layers:
-      x = layer(x)
-    return x[:, 1:]
-
-
-def pixel_shuffle(x, ratio: float):
-  """[T, H, W, C] -> [T, H*r, W*r, C/r^2], channels (row offset, col offset, c) (DESIGN §2)."""
-  t, h, w, c = x.shape
-  f = round(1 / ratio)
-  if h % f or w % f:
-    raise ValueError(f"the patch grid {h}x{w} is not divisible by 1/downsample_ratio={f}")
-  x = x.reshape(t, h // f, f, w // f, f, c).permute(0, 1, 3, 2, 4, 5)
-  return x.reshape(t, h // f, w // f, f * f * c)
-
-
-class Projector(nn.Module):
-  def __init__(self, cfg):
-    super().__init__()
-    d_in = cfg.vision.hidden_size * round(1 / cfg.downsample_ratio) ** 2
-    p = cfg.projector
-    self.ratio = cfg.downsample_ratio
-    self.pre_proj_layernorm = nn.LayerNorm(d_in, eps=p.layer_norm_eps)
-    self.mlp = nn.Sequential(nn.Linear(d_in, p.hidden_size, bias=p.bias), nn.GELU(),
-                             nn.Linear(p.hidden_size, cfg.llm.hidden_size, bias=p.bias))
-
-  def forward(self, features):                       # [T, N, Dv] -> [T, N*r^2, D]
-    t, n, dv = features.shape
-    side = round(n ** 0.5)
-    x = pixel_shuffle(features.reshape(t, side, side, dv), self.ratio)
-    x = layer_norm(self.pre_proj_layernorm, x.reshape(t, -1, x.shape[-1]))
-    return self.mlp(x)
 
 
 # ---------------------------------------------------------------- Qwen2 (transformers names)
@@ -257,10 +143,8 @@ class LongVITAForCausalLM(nn.Module):
     self.model = LongVITAModel(cfg)
     if not cfg.llm.tie_embeddings:
       self.lm_head = nn.Linear(cfg.llm.hidden_size, cfg.llm.vocab_size, bias=False)
-    t = cfg.tokens
-    ids = [t.get(k, -1) for k in ("img_context_id", "patch_context_id", "vid_context_id",
-                                  "image_token_id")]
-    self.context_ids = sorted({int(i) for i in ids if i is not None and i >= 0})
+    self.context_ids = context_token_ids(cfg.tokens)
+    self.tokens_per_tile = tokens_per_tile(cfg)
 
   @property
   def device(self):
@@ -282,6 +166,13 @@ class LongVITAForCausalLM(nn.Module):
   def context_mask(self, input_ids):
     return torch.isin(input_ids, torch.tensor(self.context_ids, device=input_ids.device))
 
+  def feature_index(self, input_ids, num_tiles: int):
+    """int64 [B, S]: vita_jax.data.context.context_index after checking that `input_ids` hold
+    num_tiles blocks of context tokens (ValueError otherwise)."""
+    ids = input_ids.cpu().numpy()
+    check_visual_tokens(ids, self.context_ids, num_tiles, self.tokens_per_tile)
+    return torch.from_numpy(context_index(ids, self.context_ids)).long().to(input_ids.device)
+
   def embed(self, input_ids, pixel_values=None, feature_index=None):
     """Token embeddings [B, S, D] with visual features in place of the context tokens.
 
@@ -292,15 +183,9 @@ class LongVITAForCausalLM(nn.Module):
     x = self.model.embed_tokens(input_ids)
     if pixel_values is None:
       return x
-    mask = self.context_mask(input_ids)
-    tpt = int((self.cfg.vision.image_size // self.cfg.vision.patch_size
-               * self.cfg.downsample_ratio) ** 2)
+    mask, tpt = self.context_mask(input_ids), self.tokens_per_tile
     if feature_index is None:
-      if int(mask.sum()) != pixel_values.shape[0] * tpt:
-        raise ValueError(f"input_ids hold {int(mask.sum())} visual context tokens but "
-                         f"pixel_values has {pixel_values.shape[0]} tiles x {tpt} tokens; "
-                         "build the prompt with one image block per tile")
-      feature_index = (torch.cumsum(mask.reshape(-1).long(), 0) - 1).reshape(mask.shape)
+      feature_index = self.feature_index(input_ids, pixel_values.shape[0])
     wanted = feature_index[mask]
     if wanted.numel() == 0:
       return x

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from vita_jax.data.layout import zigzag_permutation
 from vita_torch.model import attention_mask
 
 # q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D], segment ids / positions [B, S]; lse [B, Sq, Hq] fp32.
@@ -26,12 +27,7 @@ from vita_torch.model import attention_mask
 
 def zigzag_indices(seq_len: int, rank: int, world: int) -> torch.Tensor:
   """Global token indices rank `rank` holds: chunks rank and 2*world-1-rank of 2*world."""
-  if seq_len % (2 * world):
-    raise ValueError(f"seq_len {seq_len} is not divisible by 2*world_size={2 * world}; pad it "
-                     f"to {-(-seq_len // (2 * world)) * 2 * world}")
-  chunk = seq_len // (2 * world)
-  starts = (rank * chunk, (2 * world - 1 - rank) * chunk)
-  return torch.cat([torch.arange(s, s + chunk) for s in starts])
+  return torch.from_numpy(zigzag_permutation(seq_len, world).reshape(world, -1)[rank].copy())
 
 
 def _block_attention(q, k, v, mask, scale):

@@ -23,6 +23,7 @@ from configs.base import context_token_ids, tokens_per_tile
 from vita_jax.data import demo
 from vita_jax.data import image as image_lib
 from vita_jax.data import video as video_lib
+from vita_jax.data.context import context_index
 from vita_jax.data.conversation import (
   SampleError,
   encode_conversation,
@@ -124,11 +125,8 @@ def make_prepare(config) -> PrepareSample:
 
 
 def add_context_index(batch: dict, context_ids: tuple[int, ...]) -> dict:
-  """Row of the flattened pixel features for each visual context token (-1 elsewhere), fixed
-  before any reordering so the tokens keep their features whatever the layout."""
-  is_ctx = np.isin(batch["input_ids"], np.asarray(context_ids))
-  index = np.cumsum(is_ctx.reshape(-1)).reshape(is_ctx.shape) - 1
-  return {**batch, "context_index": np.where(is_ctx, index, -1).astype(np.int32)}
+  """`batch` with "context_index" (see vita_jax.data.context.context_index) added."""
+  return {**batch, "context_index": context_index(batch["input_ids"], context_ids)}
 
 
 def _zigzag(batch: dict, num_shards: int) -> dict:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from configs.base import context_token_ids
+from vita_jax.data.context import check_visual_tokens
 from vita_jax.models.llm import Qwen2
 from vita_jax.models.projector import Projector
 from vita_jax.models.vision import InternViT
@@ -33,12 +33,7 @@ def merge_visual_features(embeds, input_ids, features, context_ids, *, check: bo
   is_ctx = jnp.isin(input_ids, jnp.asarray(context_ids, input_ids.dtype))     # [B, S]
   flat = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
   if check:
-    n_tokens = int(np.asarray(is_ctx).sum())
-    if n_tokens != flat.shape[0]:
-      raise ValueError(
-          f"the input has {n_tokens} visual context tokens but pixel_values gives "
-          f"{features.shape[0]} tiles x {features.shape[1]} tokens per tile = {flat.shape[0]} "
-          "features; every tile/frame needs exactly one run of context tokens")
+    check_visual_tokens(input_ids, context_ids, features.shape[0], features.shape[1])
   if context_index is not None:
     index = jnp.asarray(context_index, jnp.int32).reshape(-1)
     is_ctx = is_ctx & (jnp.asarray(context_index) >= 0)
@@ -86,17 +81,14 @@ class LongVITA(nnx.Module):
     return x
 
   def tokens_per_tile(self, tile_side: int) -> int:
+    # configs.base.tokens_per_tile at the tiles' actual side: the tower resizes its position
+    # table, so pixels of another size give another number of tokens.
     patches = tile_side // self.config.vision.patch_size
     return int(patches * self.config.downsample_ratio) ** 2
 
   def _check_counts(self, input_ids, pixel_shape):
-    n_tokens = int(np.isin(np.asarray(input_ids), self.context_ids).sum())
-    per_tile = self.tokens_per_tile(pixel_shape[1])
-    if n_tokens != pixel_shape[0] * per_tile:
-      raise ValueError(
-          f"the input has {n_tokens} visual context tokens but pixel_values gives "
-          f"{pixel_shape[0]} tiles x {per_tile} tokens per tile = {pixel_shape[0] * per_tile} "
-          "features; every tile/frame needs exactly one run of context tokens")
+    check_visual_tokens(input_ids, self.context_ids, pixel_shape[0],
+                        self.tokens_per_tile(pixel_shape[1]))
 
   def __call__(self, input_ids, pixel_values=None, positions=None, segment_ids=None, *,
                context_index=None, return_hidden: bool = False):

@@ -18,7 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vita_jax.data import layout
+from vita_jax.data.layout import inverse_permutation
 from vita_jax.parallel.mesh import ConfigError
+
+__all__ = ["check_divisible", "inverse_permutation", "unzigzag", "zigzag", "zigzag_batch",
+           "zigzag_permutation"]
 
 # Entries that are not [batch, seq, ...] even when their leading dims happen to match.
 NOT_TOKEN_ALIGNED = ("pixel_values",)
@@ -26,30 +31,16 @@ NOT_TOKEN_ALIGNED = ("pixel_values",)
 
 def check_divisible(seq_len: int, num_shards: int) -> None:
   """Raise a ConfigError naming the nearest usable length if `seq_len` cannot be zigzagged."""
-  if num_shards < 1:
-    raise ConfigError(f"num_shards={num_shards} must be a positive integer")
-  chunks = 2 * num_shards
-  if seq_len % chunks:
-    fixed = -(-seq_len // chunks) * chunks
-    raise ConfigError(f"seq_len {seq_len} is not divisible by 2*num_shards={chunks}; use "
-                      f"{fixed} (pad the sequence) or change the number of sequence shards")
+  try:
+    layout.check_divisible(seq_len, num_shards)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def zigzag_permutation(seq_len: int, num_shards: int) -> np.ndarray:
   """int64 [seq_len]: `x_zigzag = x[..., perm]`; shard r holds chunks r and 2N-1-r of 2N."""
   check_divisible(seq_len, num_shards)
-  chunk = seq_len // (2 * num_shards)
-  chunks = np.arange(seq_len).reshape(2 * num_shards, chunk)
-  order = [c for r in range(num_shards) for c in (r, 2 * num_shards - 1 - r)]
-  return chunks[order].reshape(-1)
-
-
-def inverse_permutation(perm: np.ndarray) -> np.ndarray:
-  """The permutation that undoes `perm`: `x[perm][inverse] == x`."""
-  perm = np.asarray(perm)
-  inverse = np.empty_like(perm)
-  inverse[perm] = np.arange(perm.size, dtype=perm.dtype)
-  return inverse
+  return layout.zigzag_permutation(seq_len, num_shards)
 
 
 def _take(x, index: np.ndarray, axis: int):
