@@ -80,7 +80,7 @@ def _llm(vocab, hidden, layers, heads, kv_heads, ffn, *, head_dim=None, tie=Fals
 def model_config(size: str = "14b") -> ml_collections.ConfigDict:
   """The architecture of one size. `14b` is the release (DESIGN §2) exactly."""
   if size == "tiny":
-    # CPU demo: ~3M parameters; 56 px tiles -> 4x4 patches -> 2x2 = 4 tokens per tile.
+    # CPU demo: 1.45M parameters; 56 px tiles -> 4x4 patches -> 2x2 = 4 tokens per tile.
     vision = _vision(56, 14, hidden=64, layers=2, heads=4, mlp=256)
     llm = _llm(vocab=2048, hidden=128, layers=4, heads=4, kv_heads=2, ffn=352,
                max_positions=65_536)

@@ -149,9 +149,10 @@ def _stack_micro_batches(micro: list[dict], tokens_per_tile: int, shard: DataSha
 
 def _global_batch(stacked: dict, mesh, shard: DataShard) -> dict:
   """This process's row block -> global jax.Arrays: rows over data/fsdp and the sequence over
-  seq; tiles [A, T, H, W, 3] over data/fsdp too, so the vision tower runs spread over devices
-  rather than replicated. Each device's piece is cut from the local block, so any mesh works,
-  including a `seq` axis that spans processes."""
+  seq; tiles [A, T, H, W, 3] over data/fsdp like the rows, so the vision tower runs spread
+  over devices rather than replicated (splitting them over seq too measured larger in XLA's
+  memory analysis: the features are gathered for the merge anyway). Each device's piece is
+  cut from the local block, so any mesh works, including a `seq` axis that spans processes."""
   from jax.sharding import NamedSharding
 
   from vita_jax.parallel.sharding import logical_to_spec
