@@ -57,6 +57,18 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
   return out, lse
 
 
+def merge_across(out, lse, axis_name: str):
+  """merge_partials over every shard of mesh axis `axis_name` (inside shard_map): pmax and psum
+  of out-sized arrays, never a gather. out [..., D] fp32, lse [...] fp32; same -inf rules."""
+  top = lax.pmax(lse, axis_name)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  weight = jnp.exp(lse - top)                       # 0 where a shard sees nothing
+  total = lax.psum(weight, axis_name)
+  out = lax.psum(out * weight[..., None], axis_name) / jnp.where(total > 0, total, 1.0)[..., None]
+  lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+  return out, lse
+
+
 def may_attend(q_seg, q_pos, kv_seg, kv_pos, causal: bool):
   """Scalar bool: False only if no query of the block can see any key of the block.
 
@@ -93,6 +105,19 @@ def _tile_forward(q, k, v, q_seg, q_pos, kv_seg, kv_pos, cfg: _Config):
   out = out / jnp.where(denom == 0, 1.0, denom)[..., None]
   lse = jnp.where(denom > 0, row_max + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
   return out, lse
+
+
+def partial_attention(q, k, v, q_seg, q_pos, kv_seg, kv_pos, *, causal: bool = True,
+                      scale: float | None = None):
+  """Softmax of q [B,Q,Hq,D] over one key set k/v [B,K,Hkv,D] (the ring's tile kernel, no
+  chunking) -> (normalised out fp32 [B,Q,Hkv,G,D], lse fp32 [B,Q,Hkv,G]; -inf where nothing is
+  visible), ready for merge_partials / merge_across."""
+  b, sq, hq, d = q.shape
+  hkv = k.shape[2]
+  scale = d ** -0.5 if scale is None else float(scale)
+  cfg = _Config(None, 1, causal, scale, sq, k.shape[1])
+  return _tile_forward(q.reshape(b, sq, hkv, hq // hkv, d), k, v, q_seg, q_pos, kv_seg, kv_pos,
+                       cfg)
 
 
 def _tile_backward(q, k, v, q_seg, q_pos, kv_seg, kv_pos, lse, dout, delta, cfg: _Config):

@@ -1,0 +1,156 @@
+"""The jitted model steps of generation (DESIGN §5); vita_jax.generate drives them.
+
+`prefill_step` runs the prompt (zigzag layout, sharded over `seq`) and keeps every layer's K/V
+where it was computed: the cache is [layers, B, S, Hkv, hd] sharded over `seq`, with the
+positions and segment ids that say which token each row is. `decode_step` feeds one token: it
+attends to that sharded cache and to a small replicated buffer of the generated tokens' K/V
+(vita_jax.ops.cache_attention). All shapes are fixed per bucket, so one compilation serves
+every step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from vita_jax.models.common import rms_norm
+from vita_jax.models.llm import layer_finish, layer_qkv, rope_tables
+from vita_jax.ops.attention import attention
+from vita_jax.ops.cache_attention import decode_attention
+from vita_jax.ops.lm_head import select_logits
+from vita_jax.parallel.sharding import constrain
+
+ACT = ("batch", "length", "act_embed")
+KV = ("batch", "length", None, None)
+
+
+class Cache(NamedTuple):
+  k: jax.Array              # [L, B, S, Hkv, hd] prompt keys, zigzag order, sharded over seq
+  v: jax.Array
+  segment_ids: jax.Array    # [B, S] int32 (0 = padding)
+  positions: jax.Array      # [B, S] int32
+  new_k: jax.Array          # [L, B, N, Hkv, hd] generated tokens' keys, replicated
+  new_v: jax.Array
+
+
+class Decoding(NamedTuple):
+  """The loop carry: everything a decode step reads and writes."""
+  cache: Cache
+  tokens: jax.Array         # [B, N] int32 generated so far (pad after EOS)
+  count: jax.Array          # scalar int32: tokens generated so far
+  limit: jax.Array          # scalar int32: max_new_tokens
+  prompt_len: jax.Array     # scalar int32: real prompt length (position of the first new token)
+  done: jax.Array           # [B] bool: row has produced EOS
+  key: jax.Array
+
+
+class Sampling(NamedTuple):
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+
+def sample(logits, key, sampling: Sampling):
+  """logits [B, V] -> int32 [B]: greedy at temperature 0, else top-k / top-p sampling."""
+  temperature, top_k, top_p = sampling
+  if temperature <= 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k > 0:
+    kth = lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always the most likely token).
+    drop_sorted = jnp.cumsum(probs, axis=-1) - probs >= top_p
+    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
+        drop_sorted)
+    logits = jnp.where(drop, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def prefill_step(graphdef, state, ids, ctx_index, features, positions, segment_ids, last, *,
+                 mesh, new_len):
+  """Prompt (zigzag layout, [B, S]) -> (fp32 logits [B, V] at `last`, Cache)."""
+  model = nnx.merge(graphdef, state)
+  llm, cfg = model.llm, model.llm.cfg
+  eps = cfg.rms_norm_eps
+  x = llm.embed(ids)
+  if features is not None:
+    flat = features.reshape(-1, features.shape[-1])
+    visual = jnp.take(flat, jnp.maximum(ctx_index, 0), axis=0).astype(x.dtype)
+    x = jnp.where((ctx_index >= 0)[..., None], visual, x)
+  x = constrain(x, ACT, mesh)
+  cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+  def body(x, p):
+    q, k, v = layer_qkv(p, x, cos, sin, eps)
+    o = attention(q, k, v, segment_ids, positions, mesh=mesh, causal=True, **llm.attention_cfg)
+    return constrain(layer_finish(p, x, o, eps), ACT, mesh), (constrain(k, KV, mesh),
+                                                              constrain(v, KV, mesh))
+
+  x, (ks, vs) = lax.scan(body, x, llm.layer_params())
+  hidden = rms_norm(x, llm.final_norm[...].astype(x.dtype), eps)
+  logits = select_logits(hidden, model.lm_head_weight().astype(hidden.dtype), last, mesh=mesh)
+  buffer = (cfg.num_layers, ids.shape[0], new_len, cfg.num_kv_heads, cfg.head_dim)
+  cache = Cache(ks, vs, segment_ids, positions, jnp.zeros(buffer, ks.dtype),
+                jnp.zeros(buffer, vs.dtype))
+  return logits, cache
+
+
+def decode_step(graphdef, state, st: Decoding, *, mesh, sampling, eos_id, pad_id):
+  """Feed the last generated token, sample the next one."""
+  model = nnx.merge(graphdef, state)
+  llm, cfg = model.llm, model.llm.cfg
+  eps, cache = cfg.rms_norm_eps, st.cache
+  b, n = st.tokens.shape
+  slot = st.count - 1                                   # buffer row of the token fed now
+  token = lax.dynamic_index_in_dim(st.tokens, slot, axis=1)               # [B, 1]
+  pos = jnp.full((b, 1), st.prompt_len + slot, jnp.int32)
+  one = jnp.ones((b, 1), jnp.int32)
+  cos, sin = rope_tables(pos, cfg.head_dim, cfg.rope_theta)
+  buf_pos = jnp.broadcast_to(st.prompt_len + jnp.arange(n, dtype=jnp.int32), (b, n))
+  buf_seg = jnp.broadcast_to((jnp.arange(n) <= slot).astype(jnp.int32), (b, n))
+
+  def body(x, layer):
+    p, ck, cv, bk, bv = layer
+    q, k, v = layer_qkv(p, x, cos, sin, eps)
+    bk = lax.dynamic_update_slice_in_dim(bk, k, slot, axis=1)
+    bv = lax.dynamic_update_slice_in_dim(bv, v, slot, axis=1)
+    out = decode_attention(q, one, pos, (ck, cv, cache.segment_ids, cache.positions),
+                           (bk, bv, buf_seg, buf_pos), mesh=mesh)
+    return layer_finish(p, x, out.reshape(q.shape).astype(x.dtype), eps), (k, v)
+
+  x = llm.embed(token)
+  x, (ks, vs) = lax.scan(body, x, (llm.layer_params(), cache.k, cache.v, cache.new_k,
+                                   cache.new_v))
+  cache = cache._replace(new_k=lax.dynamic_update_slice_in_dim(cache.new_k, ks, slot, axis=2),
+                         new_v=lax.dynamic_update_slice_in_dim(cache.new_v, vs, slot, axis=2))
+  logits = llm.logits(rms_norm(x, llm.final_norm[...].astype(x.dtype), eps))[:, 0]
+  nxt = sample(logits, jax.random.fold_in(st.key, st.count), sampling)
+  nxt = jnp.where(st.done, pad_id, nxt)
+  tokens = lax.dynamic_update_slice_in_dim(st.tokens, nxt[:, None], st.count, axis=1)
+  return st._replace(cache=cache, tokens=tokens, count=st.count + 1,
+                     done=st.done | (nxt == eos_id))
+
+
+def _running(st: Decoding):
+  return (st.count < st.limit) & ~jnp.all(st.done)
+
+
+def decode_loop(graphdef, state, st: Decoding, **kw):
+  """decode_step until max_new_tokens or every row has produced EOS (one lax.while_loop)."""
+  return lax.while_loop(_running, functools.partial(decode_step, graphdef, state, **kw), st)
+
+
+def first_token(logits, key, tokens, *, sampling, eos_id):
+  """The first generated token from the prefill logits -> (tokens [B, N], done [B])."""
+  first = sample(logits, jax.random.fold_in(key, 0), sampling)
+  return tokens.at[:, 0].set(first), first == eos_id
+
