@@ -82,3 +82,27 @@ def test_prompt_layout(model_dir):
   context = torch.isin(ids, torch.tensor([tok.ids["<IMG_CONTEXT>"], tok.ids["<PATCH_CONTEXT>"]]))
   assert int(context.sum()) == 3 * base.tokens_per_tile(cfg)
   assert ids[0, 0] == tok.ids["<|im_start|>"] and tok.decode(ids[0, -2:]).endswith("\n")
+
+
+def test_torch_and_jax_prompts_are_the_same():
+  """The torch CLI's builder and vita_jax.generate.build_prompt give the same ids and pixels for
+  a prompt with an image and a video (videos first, then images, as encode_conversation does)."""
+  import types
+
+  from vita_jax import generate as jax_gen
+  from vita_jax.data import demo
+  from vita_jax.data.tokenizer import load_tokenizer
+  root = demo.ensure_demo_data("runs/demo_data")
+  tok = load_tokenizer(os.path.join(root, "tokenizer"))
+  cfg = base.model_config("tiny")
+  cfg.max_frames = 3
+  media = os.path.join(root, "demo", "media")
+  image, video = os.path.join(media, "img_00000.png"), os.path.join(media, "vid_00000.mp4")
+  ids, pixels = gen.build_prompt(tok, cfg, "what is shown?", [image], [video])
+  want_ids, want_pixels = jax_gen.build_prompt(types.SimpleNamespace(config=cfg), tok,
+                                               "what is shown?", [image], video, max_frames=3)
+  np.testing.assert_array_equal(ids.numpy(), want_ids)
+  np.testing.assert_array_equal(pixels.permute(0, 2, 3, 1).numpy(), want_pixels)
+  order = list(want_ids[0])
+  assert order.index(tok.ids["<vid>"]) < order.index(tok.ids["<img>"])
+  assert len(want_pixels) > 3                                  # 3 frames, then the image tiles

@@ -185,29 +185,14 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int,
 
 
 def build_prompt(tok, cfg, prompt: str, images=(), videos=()):
-  """ChatML user turn with the visual blocks first (DESIGN §2) -> (ids [1, S], pixels NCHW)."""
-  import numpy as np
+  """The prompt of vita_jax.data.prompt.encode_prompt (the same ids as vita_jax.generate for the
+  same command) -> (ids int64 [1, S], pixels float32 NCHW [tiles, 3, H, W] or None)."""
+  from vita_jax.data.prompt import encode_prompt
 
-  from configs.base import tokens_per_tile
-  from vita_jax.data import conversation, image, video
-
-  tpt, side = tokens_per_tile(cfg), cfg.vision.image_size
-  blocks, tiles = [], []
-  for path in images:
-    picture = image.load_image(path)
-    blocks += conversation.image_block(tok, tpt, image.grid_of(picture.size, side, cfg.max_tiles))
-    tiles.append(image.dynamic_tiles(picture, side, cfg.max_tiles))
-  for path in videos:
-    frames = video.load_video(path, side, cfg.get("max_frames", 64))
-    blocks += conversation.video_block(tok, tpt, len(frames))
-    tiles.append(frames)
-  ids = ([tok.ids["<|im_start|>"]] + tok.encode("user\n") + blocks + tok.encode(prompt) +
-         [tok.ids["<|im_end|>"]] + tok.encode("\n") + [tok.ids["<|im_start|>"]] +
-         tok.encode("assistant\n"))
-  pixels = None
-  if tiles:
-    pixels = torch.from_numpy(np.concatenate(tiles)).permute(0, 3, 1, 2).contiguous()
-  return torch.tensor([ids]), pixels
+  ids, pixels = encode_prompt(cfg, tok, prompt, images, videos, cfg.get("max_frames", 64))
+  if pixels is not None:
+    pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+  return torch.from_numpy(ids).long(), pixels
 
 
 def main(argv=None):
