@@ -164,9 +164,10 @@ def parse_size(arg: str | None) -> str:
 # Per-size overrides of the stage recipes: sequence length, batch and frames that fit the
 # machine the size is meant for. The 14b numbers are the release's (DESIGN §3).
 _SIZE_SCALE = {
-    "tiny": dict(seq_len_cap=1024, batch_size=4, max_frames_cap=8, steps=300),
-    "small": dict(seq_len_cap=4096, batch_size=4, max_frames_cap=32, steps=1000),
-    "14b": dict(seq_len_cap=None, batch_size=None, max_frames_cap=None, steps=None),
+    # tiles: the demo corpus fills ~330 of a worst-case 680 tile slots per 4 x 1024 batch.
+    "tiny": dict(seq_len_cap=1024, batch_size=4, max_frames_cap=8, steps=300, tiles=384),
+    "small": dict(seq_len_cap=4096, batch_size=4, max_frames_cap=32, steps=1000, tiles=0),
+    "14b": dict(seq_len_cap=None, batch_size=None, max_frames_cap=None, steps=None, tiles=0),
 }
 
 
@@ -199,7 +200,7 @@ def stage_config(*, stage: int, size: str, seq_len: int, trainable: tuple[str, .
       max_frames=max_frames,
       video_fps=1.0,
       max_tiles=config.model.max_tiles,
-      tiles_per_batch=0,                      # static pixel budget per batch; 0 = derive
+      tiles_per_batch=scale["tiles"],         # static pixel budget per batch; 0 = derive
       # Where the data comes from: the demo corpus for tiny/small, the release mixture else.
       data_root="runs/demo_data" if demo else "data",
       # "name=weight,..." — each name resolves to <data_root>/<name>/*.jsonl
