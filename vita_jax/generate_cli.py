@@ -14,7 +14,8 @@ def main(argv):
   import sys
   import time
 
-  from absl import flags
+  from absl import flags, logging
+  logging.set_verbosity(logging.WARNING)     # orbax/absl INFO lines would bury the answer
   f = flags.FLAGS
   model, tok = gen.load_for_inference(f.model, tokenizer=f.tokenizer, dtype=f.dtype)
   ids, pixels = gen.build_prompt(model, tok, f.prompt, f.image or (), f.video, f.max_frames)
@@ -34,11 +35,12 @@ def main(argv):
                temperature=f.temperature, top_p=f.top_p, top_k=f.top_k, eos_id=eos, seed=f.seed,
                on_token=on_token, timings=timings)
   # The first decode step includes its compilation: the rate is over the steps after it.
-  steady = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else float("nan")
+  rate = (f"decode {(len(stamps) - 2) / (stamps[-1] - stamps[1]):.1f} tokens/s"
+          if len(stamps) > 2 else "too few tokens to time decode")
   tiles = 0 if pixels is None else len(pixels)
   print(f"\n[prompt {timings['prompt_tokens']} tokens ({tiles} tiles/frames, bucket "
         f"{timings['bucket']}, seq_shards={f.seq_shards}) | prefill {timings['prefill_s']:.2f} s "
-        f"(incl. compile) | {len(got)} new tokens, decode {steady:.1f} tokens/s]", flush=True)
+        f"(incl. compile) | {len(got)} new tokens, {rate}]", flush=True)
 
 
 def define_flags():
