@@ -95,7 +95,10 @@ def run(ctx: Context) -> list[Row]:
   put = lambda x: jax.device_put(x, seq_sh)
   ring_args = [put(zz(x)) for x in (q, k, v, g)]
   ring_ids = (put(zz(ones)), put(zz(pos)))
-  ours = _fwd_bwd(lambda q, k, v: ring_attention(q, k, v, *ring_ids, mesh=mesh, causal=True))
+  # Tiles of half a local block: a zigzag block is two distant halves of the sequence, and
+  # only tiles within one half can be skipped by the causal mask.
+  ours = _fwd_bwd(lambda q, k, v: ring_attention(q, k, v, *ring_ids, mesh=mesh, causal=True,
+                                                 q_chunk=chunk, kv_chunk=chunk))
   run_fn = lambda fn, args: (lambda: jax.block_until_ready(fn(*args)))
   ctx.log(f"  ring: S={s}, {SHARDS} shards, tiles {chunk} (ours), {their_chunk} (package)")
   t_ours = time_call(run_fn(ours, ring_args), ctx.repeats)

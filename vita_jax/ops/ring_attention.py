@@ -288,10 +288,6 @@ def _local_attention(q, k, v, segment_ids, positions, cfg: _Config):
   """Chunk-aligned call of the core on this device's block (padding to whole chunks)."""
   s = q.shape[1]
   cq, ck = min(cfg.q_chunk, s), min(cfg.kv_chunk, s)
-  if cfg.causal and cfg.num_shards > 1 and s % 2 == 0:
-    # A zigzag block is two distant halves of the sequence: a tile spanning both always has
-    # something visible, so no causal tile could be skipped (2x the work; `make bench`).
-    cq, ck = min(cq, s // 2), min(ck, s // 2)
   sq, sk = -(-s // cq) * cq, -(-s // ck) * ck
   cfg = cfg._replace(q_chunk=cq, kv_chunk=ck)
   out = _attention_core(_pad_seq(q, sq), _pad_seq(k, sk), _pad_seq(v, sk),
