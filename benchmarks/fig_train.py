@@ -145,7 +145,7 @@ def run(ctx: Context) -> list[Row]:
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(qwen.parameters(), float(tc.grad_clip))
     opt.step()
-    torch_loss.setdefault("loss", float(out.loss))
+    torch_loss.setdefault("loss", float(out.loss.detach()))
 
   torch_peak = torch_matmul_peak()
   torch_times = time_call(torch_step, ctx.repeats, warmup=1)
