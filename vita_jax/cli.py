@@ -22,11 +22,15 @@ from vita_jax.parallel.mesh import ConfigError
 
 
 def define_config_flag(name: str = "config", required: bool = True):
+  """The `--config` flag; idempotent, so modules that each define it can be imported together
+  (tests import the trainer and the planner in one process)."""
+  from absl import flags
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
   holder = config_flags.DEFINE_config_file(
       name, None, "Experiment config: configs/stageN.py[:tiny|small|14b]. Override any field "
       "with --config.a.b=value.", lock_config=True)
   if required:
-    from absl import flags
     flags.mark_flag_as_required(name)
   return holder
 
