@@ -104,26 +104,11 @@ def prefill_step(graphdef, state, ids, ctx_index, features, positions, segment_i
   return logits, cache
 
 
-def layer_slices(graphdef, state) -> tuple[dict, ...]:
-  """The stacked layer params {name: [L, ...]} split into one dict per layer (compute dtype).
-
-  XLA:CPU copies a slice of the stack before a matmul reads it, static index or not; slicing
-  once before the decode loop pays that copy once per generate() instead of once per token, at
-  the price of a second copy of the layer weights held while the loop runs.
-  """
-  llm = nnx.merge(graphdef, state).llm
-  params = llm.layer_params()
-  return tuple({name: w[i] for name, w in params.items()} for i in range(llm.cfg.num_layers))
-
-
-def decode_step(graphdef, state, st: Decoding, *, mesh, sampling, eos_id, pad_id, layers=None):
-  """Feed the last generated token, sample the next one. `layers`: `layer_slices(...)`, when
-  the caller has split the layer params already (the decode loop does, once per call)."""
+def decode_step(graphdef, state, st: Decoding, *, mesh, sampling, eos_id, pad_id):
+  """Feed the last generated token, sample the next one."""
   model = nnx.merge(graphdef, state)
   llm, cfg = model.llm, model.llm.cfg
   eps, cache = cfg.rms_norm_eps, st.cache
-  if layers is None:
-    layers = layer_slices(graphdef, state)
   b, n = st.tokens.shape
   slot = st.count - 1                                   # buffer row of the token fed now
   token = lax.dynamic_index_in_dim(st.tokens, slot, axis=1)               # [B, 1]
@@ -133,20 +118,18 @@ def decode_step(graphdef, state, st: Decoding, *, mesh, sampling, eos_id, pad_id
   buf_pos = jnp.broadcast_to(st.prompt_len + jnp.arange(n, dtype=jnp.int32), (b, n))
   buf_seg = jnp.broadcast_to((jnp.arange(n) <= slot).astype(jnp.int32), (b, n))
 
-  # A Python loop over the layers with static indices, not a lax.scan over the stack: the
-  # scan's dynamic slices copied every layer's weights at every token. Same ops, same order.
-  x, ks, vs = llm.embed(token), [], []
-  for i, p in enumerate(layers):
+  def body(x, layer):
+    p, ck, cv, bk, bv = layer
     q, k, v = layer_qkv(p, x, cos, sin, eps)
-    bk = lax.dynamic_update_slice_in_dim(cache.new_k[i], k, slot, axis=1)
-    bv = lax.dynamic_update_slice_in_dim(cache.new_v[i], v, slot, axis=1)
-    out = decode_attention(q, one, pos, (cache.k[i], cache.v[i], cache.segment_ids,
-                                         cache.positions),
+    bk = lax.dynamic_update_slice_in_dim(bk, k, slot, axis=1)
+    bv = lax.dynamic_update_slice_in_dim(bv, v, slot, axis=1)
+    out = decode_attention(q, one, pos, (ck, cv, cache.segment_ids, cache.positions),
                            (bk, bv, buf_seg, buf_pos), mesh=mesh)
-    x = layer_finish(p, x, out.reshape(q.shape).astype(x.dtype), eps)
-    ks.append(k)
-    vs.append(v)
-  ks, vs = jnp.stack(ks), jnp.stack(vs)
+    return layer_finish(p, x, out.reshape(q.shape).astype(x.dtype), eps), (k, v)
+
+  x = llm.embed(token)
+  x, (ks, vs) = lax.scan(body, x, (llm.layer_params(), cache.k, cache.v, cache.new_k,
+                                   cache.new_v))
   cache = cache._replace(new_k=lax.dynamic_update_slice_in_dim(cache.new_k, ks, slot, axis=2),
                          new_v=lax.dynamic_update_slice_in_dim(cache.new_v, vs, slot, axis=2))
   logits = llm.logits(rms_norm(x, llm.final_norm[...].astype(x.dtype), eps))[:, 0]
@@ -162,11 +145,8 @@ def _running(st: Decoding):
 
 
 def decode_loop(graphdef, state, st: Decoding, **kw):
-  """decode_step until max_new_tokens or every row has produced EOS (one lax.while_loop); the
-  layer params are split per layer once, before the loop."""
-  step = functools.partial(decode_step, graphdef, state,
-                           layers=layer_slices(graphdef, state), **kw)
-  return lax.while_loop(_running, step, st)
+  """decode_step until max_new_tokens or every row has produced EOS (one lax.while_loop)."""
+  return lax.while_loop(_running, functools.partial(decode_step, graphdef, state, **kw), st)
 
 
 def first_token(logits, key, tokens, *, sampling, eos_id):
