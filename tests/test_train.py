@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import stage1, stage2, stage3
+from configs import stage1, stage2, stage3, stage4
 from vita_jax import optim, train_state
 from vita_jax.metrics import read_metrics
 from vita_jax.parallel.mesh import make_mesh
@@ -33,7 +33,8 @@ def _losses(workdir, key="loss"):
   return [m[key] for m in read_metrics(str(workdir)) if key in m]
 
 
-@pytest.mark.parametrize("stage", [stage2, stage3], ids=["stage2", "stage3"])
+@pytest.mark.parametrize("stage", [stage1, stage2, stage3, stage4],
+                         ids=["stage1", "stage2", "stage3", "stage4"])
 def test_loss_on_data2_seq4_mesh_equals_single_device(stage, tmp_path):
   """Train and held-out losses on (data=2, seq=4) — zigzag layout, ring attention, tiles
   split over data — equal the single-device run."""
