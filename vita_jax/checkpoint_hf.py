@@ -222,6 +222,7 @@ def save_pretrained(model, path: str, layout: str | None = None, *, dtype=None,
     i = shard_of[key]
     if len(pending) == len(plan[i]):            # shard i is complete: write and free it
       save_file(pending, os.path.join(path, names[i]), metadata={"format": "pt"})
+      os.chmod(os.path.join(path, names[i]), 0o644)   # safetensors writes 0600
       pending = {}
   if len(plan) > 1:
     index = {"metadata": {"total_size": sum(n for _, n in sizes)},

@@ -90,7 +90,7 @@ def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) ->
   def guarded(args):
     try:
       return main(args)
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError) as e:   # a user's mistake: no traceback
       _fail(e)
 
   app.run(guarded, argv=argv)

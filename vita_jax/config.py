@@ -44,6 +44,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
   shape = resolve_mesh_shape(config.mesh, num_devices)
   validate_model(config.model)
   data, train = config.data, config.train
+  _check(data.seq_len > 0 and data.global_batch_size > 0,
+         f"data.seq_len={data.seq_len} and data.global_batch_size={data.global_batch_size} "
+         "must be positive")
   seq = shape["seq"]
   if seq > 1:
     unit = 2 * seq

@@ -26,6 +26,19 @@ def _stored_dtype(src: str, layout: str) -> str:
                                                                      "float32")
 
 
+def _copy_tokenizer(tokenizer_dir: str, dst: str) -> None:
+  """The run's tokenizer files go with the weights, so DST is a complete model directory."""
+  import shutil
+  if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
+    print(f"note: the run's tokenizer {tokenizer_dir!r} was not found; pass --tokenizer=DIR when "
+          f"using {dst}", file=sys.stderr)
+    return
+  for name in os.listdir(tokenizer_dir):
+    path = os.path.join(tokenizer_dir, name)
+    if os.path.isfile(path) and not os.path.exists(os.path.join(dst, name)):
+      shutil.copy(path, dst)
+
+
 def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = None,
             max_shard_bytes: int = 4 << 30) -> str:
   """Read SRC (either layout) and write DST in `layout`; returns the layout written."""
@@ -41,8 +54,9 @@ def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = N
     raise ValueError(f"SRC and DST are the same directory ({src}); write to a new directory")
   if is_workdir(src):
     layout, dtype = layout or "long_vita", dtype or "float32"
-    model, _ = load_model_from_workdir(src)
+    model, config = load_model_from_workdir(src)
     save_pretrained(model, dst, layout=layout, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    _copy_tokenizer(config.data.get("tokenizer", ""), dst)
     return layout
   src_layout = detect_layout(read_hf_config(src))
   layout = layout or next(x for x in LAYOUTS if x != src_layout)

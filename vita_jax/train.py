@@ -199,7 +199,8 @@ def train(config, workdir: str, devices=None) -> dict:
   accum = int(train_cfg.grad_accum)
 
   if primary:
-    from vita_jax.workdir import save_config
+    from vita_jax.workdir import CONFIG_FILE, save_config
+    _report_config_changes(os.path.join(workdir, CONFIG_FILE), config)
     save_config(config, workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints)
   model = build_model(config, mesh)
@@ -320,6 +321,30 @@ def train(config, workdir: str, devices=None) -> dict:
   ckpt.close()
   writer.close()
   return last
+
+
+def _report_config_changes(path: str, config) -> None:
+  """Resuming with a different config is allowed (e.g. more steps) but never silent."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    before = _flat_dict(json.load(f))
+  after = _flat_dict(json.loads(config.to_json()))
+  changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+             if before.get(k) != after.get(k)]
+  if changed:
+    print("note: this workdir was started with a different config; now: " + "; ".join(changed)
+          + " (the LR schedule follows the new train.steps)", flush=True)
+
+
+def _flat_dict(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat_dict(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
 
 
 def _make_evaluator(config, split, shape, mesh, shard: DataShard):

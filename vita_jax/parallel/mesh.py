@@ -15,6 +15,10 @@ import numpy as np
 MESH_AXES = ("data", "fsdp", "seq", "tensor")
 
 
+_FAKE_HINT = (" (on a CPU, fake devices come from "
+              "XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+
+
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the value and the fix."""
 
@@ -41,13 +45,13 @@ def resolve_mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[st
       raise ConfigError(
           f"mesh {desc} needs a multiple of {fixed} devices but {num_devices} are available "
           f"(config.mesh.{fill[0]}=-1 fills the rest); choose sizes whose product divides "
-          f"{num_devices}")
+          f"{num_devices}{_FAKE_HINT}")
     shape[fill[0]] = num_devices // fixed
   elif fixed != num_devices:
     desc = ", ".join(f"{a}={s}" for a, s in shape.items())
     raise ConfigError(
         f"mesh {desc} has {fixed} devices but {num_devices} are available; make the product "
-        f"{num_devices} or set one axis to -1 (e.g. --config.mesh.data=-1)")
+        f"{num_devices} or set one axis to -1 (e.g. --config.mesh.data=-1){_FAKE_HINT}")
   return shape
 
 
