@@ -13,6 +13,11 @@
 # the exact commands instead of running them.
 set -euo pipefail
 
+show_help() {  # the header comment of this file, then exit 0
+  awk 'NR > 1 && /^#SBATCH/ {next} NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"
+  exit 0
+}
+
 usage() {
   echo "usage: $0 [--dry-run] [--port=N] NPROC DEVICES_PER_PROC -- <command...>" >&2
   exit 2
@@ -22,6 +27,7 @@ dry_run=0
 port=""
 while [[ $# -gt 0 && "$1" == --* && "$1" != "--" ]]; do
   case "$1" in
+    -h|--help) show_help ;;
     --dry-run) dry_run=1 ;;
     --port=*) port="${1#--port=}" ;;
     *) echo "error: unknown option $1" >&2; usage ;;

@@ -12,6 +12,11 @@
 # run the same line on each with its --node_rank. --dry-run prints the exact command.
 set -euo pipefail
 
+show_help() {  # the header comment of this file, then exit 0
+  awk 'NR > 1 && /^#SBATCH/ {next} NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"
+  exit 0
+}
+
 usage() {
   echo "usage: $0 [--dry-run] [--gpu] [--devices=LIST] [--nnodes=N --node_rank=R" \
        "--master_addr=HOST --master_port=PORT] -- <vita_torch.generate arguments...>" >&2
@@ -30,6 +35,7 @@ dry_run=0; gpu=0; devices="0,1,2,3,4,5,6,7"
 nnodes=1; node_rank=0; master_addr=127.0.0.1; master_port=29500
 while [[ $# -gt 0 && "$1" != "--" ]]; do
   case "$1" in
+    -h|--help) show_help ;;
     --dry-run) dry_run=1 ;;
     --gpu) gpu=1 ;;
     --devices=*) devices="${1#--devices=}" ;;

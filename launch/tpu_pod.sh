@@ -12,6 +12,11 @@
 # checkpoint shards. --dry-run prints the exact gcloud command.
 set -euo pipefail
 
+show_help() {  # the header comment of this file, then exit 0
+  awk 'NR > 1 && /^#SBATCH/ {next} NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"
+  exit 0
+}
+
 usage() {
   echo "usage: $0 [--dry-run] --tpu=NAME --zone=ZONE [--project=ID] [--dir=DIR] -- <command...>" >&2
   exit 2
@@ -20,6 +25,7 @@ usage() {
 dry_run=0; tpu=""; zone=""; project=""; dir="~/long-vita"
 while [[ $# -gt 0 && "$1" != "--" ]]; do
   case "$1" in
+    -h|--help) show_help ;;
     --dry-run) dry_run=1 ;;
     --tpu=*) tpu="${1#--tpu=}" ;;
     --zone=*) zone="${1#--zone=}" ;;
