@@ -270,6 +270,9 @@ def build_prompt(model, tok, prompt: str, images=(), video: str = "", max_frames
 
 
 if __name__ == "__main__":
+  from absl import flags
+
   from vita_jax import cli, generate_cli
   generate_cli.define_flags()
+  flags.adopt_module_key_flags(generate_cli)    # so --help lists them
   cli.run(generate_cli.main)
