@@ -8,11 +8,10 @@ from flax import nnx
 
 from configs import base
 from vita_jax.data.pipeline import add_context_index
+from vita_jax.models import vlm
 from vita_jax.ops.lm_head import chunked_cross_entropy
 from vita_jax.parallel import make_mesh, shard_state
 from vita_jax.parallel.zigzag import unzigzag, zigzag_batch
-
-vlm = pytest.importorskip("vita_jax.models.vlm", reason="vita_jax.models.vlm (LongVITA) is missing")
 
 SEQ = 64
 
