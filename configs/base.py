@@ -232,6 +232,7 @@ def stage_config(*, stage: int, size: str, seq_len: int, trainable: tuple[str, .
       grad_accum=1,
       z_loss=0.0,
       lm_head_chunk=1024,
+      lm_head_fused_grad=True,        # LM-head gradients in its forward: one logits matmul, not two
       seed=0,
       log_every=10 if demo else 50,
       checkpoint_every=100 if demo else 1000,

@@ -48,7 +48,8 @@ def _masked(labels, kind):
 def _loss_and_grads(fn, hidden, weight, labels):
   def loss(h, w):
     total, count = fn(h, w, labels)
-    return total, count
+    # A cotangent other than 1 (as after dividing by the token count) must reach the grads.
+    return 0.7 * total, count
   (total, count), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
       hidden, weight)
   return total, count, grads
@@ -60,12 +61,14 @@ def _assert_close(a, b, tol):
   np.testing.assert_allclose(a, b, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("kind", ["all", "partial", "full_row", "one", "none"])
 @pytest.mark.parametrize("chunk_size", [5, 64])
-def test_matches_dense_fp32(kind, chunk_size):
+def test_matches_dense_fp32(kind, chunk_size, fused):
   hidden, weight, labels = _inputs()
   labels = _masked(labels, kind)
-  got = _loss_and_grads(lambda h, w, l: chunked_cross_entropy(h, w, l, chunk_size=chunk_size),
+  got = _loss_and_grads(lambda h, w, l: chunked_cross_entropy(h, w, l, chunk_size=chunk_size,
+                                                              fused_grad=fused),
                         hidden, weight, labels)
   want = _loss_and_grads(dense_cross_entropy, hidden, weight, labels)
   assert int(got[1]) == int(want[1])
@@ -77,10 +80,12 @@ def test_matches_dense_fp32(kind, chunk_size):
     assert not np.any(np.asarray(got[2][0])) and not np.any(np.asarray(got[2][1]))
 
 
-def test_z_loss_matches_dense():
+@pytest.mark.parametrize("fused", [False, True])
+def test_z_loss_matches_dense(fused):
   hidden, weight, labels = _inputs(seed=1)
   labels = _masked(labels, "partial")
-  got = _loss_and_grads(lambda h, w, l: chunked_cross_entropy(h, w, l, chunk_size=4, z_loss=1e-3),
+  got = _loss_and_grads(lambda h, w, l: chunked_cross_entropy(h, w, l, chunk_size=4, z_loss=1e-3,
+                                                              fused_grad=fused),
                         hidden, weight, labels)
   want = _loss_and_grads(lambda h, w, l: dense_cross_entropy(h, w, l, z_loss=1e-3),
                          hidden, weight, labels)
@@ -102,11 +107,13 @@ def test_max_rows_bounds_loss_and_count():
   _assert_close(total, want, 1e-5)
 
 
-def test_bf16_hidden_close_to_fp32():
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_hidden_close_to_fp32(fused):
   hidden, weight, labels = _inputs(seed=3)
   labels = _masked(labels, "partial")
   want = _loss_and_grads(dense_cross_entropy, hidden, weight, labels)
-  got = _loss_and_grads(lambda h, w, l: chunked_cross_entropy(h, w, l, chunk_size=8),
+  got = _loss_and_grads(lambda h, w, l: chunked_cross_entropy(h, w, l, chunk_size=8,
+                                                              fused_grad=fused),
                         hidden.astype(jnp.bfloat16), weight, labels)
   assert got[2][0].dtype == jnp.bfloat16
   rel = lambda a, b: float(np.max(np.abs(np.float32(a) - np.float32(b))) /
@@ -116,17 +123,19 @@ def test_bf16_hidden_close_to_fp32():
   assert rel(got[2][1], want[2][1]) < 2e-2
 
 
-@pytest.mark.parametrize("mesh_cfg", [
-    {"tensor": 2, "data": -1},
-    {"tensor": 4, "seq": 2},
-    {"tensor": 2, "seq": 2, "fsdp": 2},
-    {"data": 8},   # batch 4 does not divide 8: rows replicated, still correct
+@pytest.mark.parametrize("mesh_cfg,fused", [
+    ({"tensor": 2, "data": -1}, False),
+    ({"tensor": 4, "seq": 2}, False),
+    ({"tensor": 4, "seq": 2}, True),
+    ({"tensor": 2, "seq": 2, "fsdp": 2}, True),
+    ({"data": 8}, False),   # batch 4 does not divide 8: rows replicated, still correct
 ])
-def test_sharded_vocab_matches_unsharded(mesh_cfg):
+def test_sharded_vocab_matches_unsharded(mesh_cfg, fused):
   mesh = make_mesh(mesh_cfg)
   hidden, weight, labels = _inputs(b=4, s=16, v=48, seed=4)
   labels = _masked(labels, "partial")
-  fn = lambda h, w, l, m: chunked_cross_entropy(h, w, l, chunk_size=5, z_loss=1e-4, mesh=m)
+  fn = lambda h, w, l, m: chunked_cross_entropy(h, w, l, chunk_size=5, z_loss=1e-4, mesh=m,
+                                                fused_grad=fused)
   want = _loss_and_grads(lambda h, w, l: fn(h, w, l, None), hidden, weight, labels)
   got = _loss_and_grads(lambda h, w, l: fn(h, w, l, mesh), hidden, weight, labels)
   assert int(got[1]) == int(want[1])
@@ -167,3 +176,22 @@ def test_memory_32k_tokens_152k_vocab():
   print(f"temp bytes: chunked {chunked / 2**30:.3f} GiB, full logits {full / 2**30:.3f} GiB")
   assert chunked < 1.5e9
   assert full > 10 * chunked
+
+
+@pytest.mark.parametrize("mesh_cfg", [None, {"tensor": 2, "seq": 2, "data": 2}])
+def test_fused_frozen_weight_grads_hidden_only(mesh_cfg):
+  """Differentiating only `hidden` (a frozen head) skips the weight gradient and stays exact."""
+  mesh = make_mesh(mesh_cfg) if mesh_cfg else None
+  hidden, weight, labels = _inputs(b=2, s=16, v=48, seed=5)
+  labels = _masked(labels, "partial")
+  fn = lambda h, m, fused: 0.7 * chunked_cross_entropy(h, weight, labels, chunk_size=5, mesh=m,
+                                                       fused_grad=fused)[0]
+  got = jax.jit(jax.grad(lambda h: fn(h, mesh, True)))(hidden)
+  want = jax.grad(lambda h: 0.7 * dense_cross_entropy(h, weight, labels)[0])(hidden)
+  _assert_close(got, want, 1e-5)
+  # The frozen head's program has one matmul fewer per chunk (no [D, V] weight gradient).
+  dots = lambda f, *xs: jax.jit(f).lower(*xs).as_text().count("dot_general")
+  frozen = dots(jax.grad(lambda h: fn(h, None, True)), hidden)
+  both = dots(jax.grad(lambda h, w: 0.7 * chunked_cross_entropy(
+      h, w, labels, chunk_size=5, fused_grad=True)[0], argnums=(0, 1)), hidden, weight)
+  assert frozen == both - 1, (frozen, both)

@@ -165,3 +165,20 @@ def test_bf16_compute_is_close_to_fp32():
   assert out.dtype == jnp.float32
   rel = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
   assert rel <= 2e-2, rel
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_swiglu_grads_match_autodiff(dtype, tol):
+  """The hand-written SwiGLU backward equals autodiff of silu(gate) * up (extreme gates too)."""
+  from vita_jax.models.common import swiglu
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  gate = (jax.random.normal(k1, (3, 5, 16)) * 4).at[0, 0, :3].set(jnp.array([-90.0, 0.0, 90.0]))
+  up, dy = jax.random.normal(k2, (3, 5, 16)), jax.random.normal(k3, (3, 5, 16))
+  gate, up, dy = (x.astype(dtype) for x in (gate, up, dy))
+  ref = lambda g, u: jax.nn.silu(g) * u
+  got_y, got_vjp = jax.vjp(swiglu, gate, up)
+  want_y, want_vjp = jax.vjp(ref, gate, up)
+  np.testing.assert_allclose(np.float32(got_y), np.float32(want_y), rtol=tol, atol=tol)
+  for got, want in zip(got_vjp(dy), want_vjp(dy)):
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol)

@@ -78,6 +78,7 @@ def _loss_sum_fn(split: Split, config: ml_collections.ConfigDict):
   """(params, frozen, micro-batch) -> (loss_sum, supervised-token count) of one micro-batch."""
   chunk = int(config.train.lm_head_chunk)
   z_loss = float(config.train.z_loss)
+  fused = bool(config.train.get("lm_head_fused_grad", True))
 
   def loss_sum_fn(params, frozen, micro):
     model = merge(split, params, frozen)
@@ -85,7 +86,8 @@ def _loss_sum_fn(split: Split, config: ml_collections.ConfigDict):
                    positions=micro["positions"], segment_ids=micro["segment_ids"],
                    context_index=micro.get("context_index"), return_hidden=True)
     loss_sum, count = chunked_cross_entropy(hidden, model.lm_head_weight(), micro["labels"],
-                                            chunk_size=chunk, z_loss=z_loss, mesh=model.mesh)
+                                            chunk_size=chunk, z_loss=z_loss, mesh=model.mesh,
+                                            fused_grad=fused)
     return loss_sum, count
 
   return loss_sum_fn

@@ -64,6 +64,34 @@ def rms_norm(x, scale, eps: float):
   return scale.astype(x.dtype) * y.astype(x.dtype)
 
 
+@jax.custom_vjp
+def swiglu(gate, up):
+  """silu(gate) * up, with a backward pass that keeps only `gate` and `up`.
+
+  Differentiating `jax.nn.silu(gate) * up` directly saves four [.., ffn] residuals per layer
+  (the sigmoid and the products inside silu) and XLA:CPU spends ~10% of a small-model training
+  step re-reading and transposing them; here the sigmoid is recomputed in one fused pass.
+  """
+  return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+  return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, dy):
+  gate, up = res
+  g = gate.astype(jnp.float32)
+  sig = jax.nn.sigmoid(g)
+  silu = g * sig
+  dyf = dy.astype(jnp.float32)
+  d_gate = dyf * up.astype(jnp.float32) * sig * (1.0 + g * (1.0 - sig))
+  return d_gate.astype(gate.dtype), (dyf * silu).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 def remat(fn: Callable, policy: str) -> Callable:
   """Wrap a per-layer function with activation rematerialisation."""
   if policy == "none":

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vita_jax.models.common import param, rms_norm, run_layers, values
+from vita_jax.models.common import param, rms_norm, run_layers, swiglu, values
 from vita_jax.ops.attention import attention
 from vita_jax.parallel.sharding import constrain
 
@@ -51,7 +51,7 @@ def layer_finish(p: dict, x, attn_out, eps: float):
   h = rms_norm(x, p["mlp_norm"], eps)
   gate = jnp.einsum("bsd,df->bsf", h, p["gate_kernel"])
   up = jnp.einsum("bsd,df->bsf", h, p["up_kernel"])
-  return x + jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, p["down_kernel"])
+  return x + jnp.einsum("bsf,fd->bsd", swiglu(gate, up), p["down_kernel"])
 
 
 class DecoderLayers(nnx.Module):

@@ -23,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec as P
 
 from vita_jax.parallel.sharding import logical_to_spec
@@ -67,24 +68,58 @@ def _local_label(labels, weight, vocab_axis):
   return jnp.clip(local, 0, v_local - 1), (local >= 0) & (local < v_local)
 
 
+def _chunk_loss(logits, labels_c, weight, *, z_loss, vocab_axis):
+  """(row loss [C], lse [C]) of a chunk's fp32 logits [C, V_local]."""
+  row_max = _pmax(jnp.max(logits, axis=-1), vocab_axis)
+  sum_exp = _psum(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=-1), vocab_axis)
+  lse = row_max + jnp.log(sum_exp)
+  local, owned = _local_label(labels_c, weight, vocab_axis)
+  picked = jnp.take_along_axis(logits, local[:, None], axis=-1)[:, 0]
+  label_logit = _psum(jnp.where(owned, picked, 0.0), vocab_axis)
+  return lse - label_logit + z_loss * jnp.square(lse), lse
+
+
+def _chunk_grads(h_rows, logits, lse_c, labels_c, valid_c, g, weight, *, z_loss, vocab_axis,
+                 compute_dtype, need_weight=True):
+  """(d_rows [C, D] fp32, d_weight [D, V_local] fp32) of g * the chunk's summed loss."""
+  probs = jnp.exp(logits - lse_c[:, None])
+  local, owned = _local_label(labels_c, weight, vocab_axis)
+  one_hot = (jnp.arange(weight.shape[1])[None, :] == local[:, None]) & owned[:, None]
+  # d/dlogits of lse - logit[label] + z * lse^2 is (1 + 2 z lse) * softmax - one_hot.
+  scale = jnp.where(valid_c, g * (1.0 + 2.0 * z_loss * lse_c), 0.0)
+  d_logits = scale[:, None] * probs - jnp.where(valid_c, g, 0.0)[:, None] * one_hot
+  d_logits = d_logits.astype(compute_dtype)
+  d_rows = jnp.einsum("cv,dv->cd", d_logits, weight, preferred_element_type=jnp.float32)
+  if not need_weight:
+    return d_rows, None
+  d_weight = jnp.einsum("cd,cv->dv", h_rows, d_logits, preferred_element_type=jnp.float32)
+  return d_rows, d_weight
+
+
+def _scatter_grads(d_rows, d_weight, idx, hidden, weight, *, vocab_axis, row_axes):
+  """Per-slot row gradients and the accumulated weight gradient -> (d_hidden, d_weight)."""
+  d = hidden.shape[-1]
+  # Each vocab shard holds a partial d_rows; padded slots carry zeros, so adding them is safe.
+  d_rows = _psum(d_rows.reshape(-1, d), vocab_axis)
+  d_hidden = jnp.zeros((hidden.size // d, d), jnp.float32).at[idx].add(d_rows)
+  d_hidden = d_hidden.reshape(hidden.shape).astype(hidden.dtype)
+  if d_weight is None:
+    return d_hidden, None
+  return d_hidden, _psum(d_weight, row_axes).astype(weight.dtype)
+
+
 def _forward_local(hidden, weight, labels, *, plan, z_loss, vocab_axis, row_axes):
   """Local rows -> (loss_sum (summed over row_axes), lse [buffer] fp32 per local row slot)."""
   bound, chunk, buffer = plan
-  d = hidden.shape[-1]
-  h_flat = hidden.reshape(-1, d)
+  h_flat = hidden.reshape(-1, hidden.shape[-1])
   labels_flat = labels.reshape(-1)
   idx, valid = _supervised_rows(labels_flat, bound, buffer)
 
   def step(total, xs):
     idx_c, valid_c = xs
     logits = _chunk_logits(h_flat[idx_c], weight)  # [C, V_local]
-    row_max = _pmax(jnp.max(logits, axis=-1), vocab_axis)
-    sum_exp = _psum(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=-1), vocab_axis)
-    lse = row_max + jnp.log(sum_exp)
-    local, owned = _local_label(labels_flat[idx_c], weight, vocab_axis)
-    picked = jnp.take_along_axis(logits, local[:, None], axis=-1)[:, 0]
-    label_logit = _psum(jnp.where(owned, picked, 0.0), vocab_axis)
-    row_loss = lse - label_logit + z_loss * jnp.square(lse)
+    row_loss, lse = _chunk_loss(logits, labels_flat[idx_c], weight, z_loss=z_loss,
+                                vocab_axis=vocab_axis)
     return total + jnp.sum(jnp.where(valid_c, row_loss, 0.0)), lse
 
   xs = (idx.reshape(-1, chunk), valid.reshape(-1, chunk))
@@ -95,8 +130,7 @@ def _forward_local(hidden, weight, labels, *, plan, z_loss, vocab_axis, row_axes
 def _backward_local(hidden, weight, labels, lse, g, *, plan, z_loss, vocab_axis, row_axes):
   """Cotangents (d_hidden like hidden, d_weight like weight) of loss_sum scaled by g."""
   bound, chunk, buffer = plan
-  d = hidden.shape[-1]
-  h_flat = hidden.reshape(-1, d)
+  h_flat = hidden.reshape(-1, hidden.shape[-1])
   labels_flat = labels.reshape(-1)
   idx, valid = _supervised_rows(labels_flat, bound, buffer)
   compute_dtype = jnp.promote_types(hidden.dtype, weight.dtype)
@@ -104,25 +138,48 @@ def _backward_local(hidden, weight, labels, lse, g, *, plan, z_loss, vocab_axis,
   def step(d_weight, xs):
     idx_c, valid_c, lse_c = xs
     h_rows = h_flat[idx_c]
-    logits = _chunk_logits(h_rows, weight)
-    probs = jnp.exp(logits - lse_c[:, None])
-    local, owned = _local_label(labels_flat[idx_c], weight, vocab_axis)
-    one_hot = (jnp.arange(weight.shape[1])[None, :] == local[:, None]) & owned[:, None]
-    # d/dlogits of lse - logit[label] + z * lse^2 is (1 + 2 z lse) * softmax - one_hot.
-    scale = jnp.where(valid_c, g * (1.0 + 2.0 * z_loss * lse_c), 0.0)
-    d_logits = scale[:, None] * probs - jnp.where(valid_c, g, 0.0)[:, None] * one_hot
-    d_logits = d_logits.astype(compute_dtype)
-    d_rows = jnp.einsum("cv,dv->cd", d_logits, weight, preferred_element_type=jnp.float32)
-    d_weight += jnp.einsum("cd,cv->dv", h_rows, d_logits, preferred_element_type=jnp.float32)
-    return d_weight, d_rows
+    d_rows, d_weight_c = _chunk_grads(
+        h_rows, _chunk_logits(h_rows, weight), lse_c, labels_flat[idx_c], valid_c, g, weight,
+        z_loss=z_loss, vocab_axis=vocab_axis, compute_dtype=compute_dtype)
+    return d_weight + d_weight_c, d_rows
 
   xs = (idx.reshape(-1, chunk), valid.reshape(-1, chunk), lse.reshape(-1, chunk))
   d_weight, d_rows = lax.scan(step, jnp.zeros(weight.shape, jnp.float32), xs)
-  # Each vocab shard holds a partial d_rows; padded slots carry zeros, so adding them is safe.
-  d_rows = _psum(d_rows.reshape(-1, d), vocab_axis)
-  d_hidden = jnp.zeros(h_flat.shape, jnp.float32).at[idx].add(d_rows)
-  d_weight = _psum(d_weight, row_axes)
-  return d_hidden.reshape(hidden.shape).astype(hidden.dtype), d_weight.astype(weight.dtype)
+  return _scatter_grads(d_rows, d_weight, idx, hidden, weight, vocab_axis=vocab_axis,
+                        row_axes=row_axes)
+
+
+def _fused_local(hidden, weight, labels, *, plan, z_loss, vocab_axis, row_axes, need_weight=True):
+  """-> (loss_sum, d_hidden[, d_weight]) with the gradients of loss_sum itself (cotangent 1),
+  from one logits matmul per chunk instead of a forward one and a recomputed backward one.
+  `need_weight=False` skips the weight-gradient matmul and returns no d_weight."""
+  bound, chunk, buffer = plan
+  h_flat = hidden.reshape(-1, hidden.shape[-1])
+  labels_flat = labels.reshape(-1)
+  idx, valid = _supervised_rows(labels_flat, bound, buffer)
+  compute_dtype = jnp.promote_types(hidden.dtype, weight.dtype)
+  one = jnp.ones((), jnp.float32)
+
+  def step(carry, xs):
+    total, d_weight = carry
+    idx_c, valid_c = xs
+    h_rows, labels_c = h_flat[idx_c], labels_flat[idx_c]
+    logits = _chunk_logits(h_rows, weight)
+    row_loss, lse = _chunk_loss(logits, labels_c, weight, z_loss=z_loss, vocab_axis=vocab_axis)
+    d_rows, d_weight_c = _chunk_grads(h_rows, logits, lse, labels_c, valid_c, one, weight,
+                                      z_loss=z_loss, vocab_axis=vocab_axis,
+                                      compute_dtype=compute_dtype, need_weight=need_weight)
+    total = total + jnp.sum(jnp.where(valid_c, row_loss, 0.0))
+    return (total, None if d_weight is None else d_weight + d_weight_c), d_rows
+
+  xs = (idx.reshape(-1, chunk), valid.reshape(-1, chunk))
+  init = (jnp.zeros((), jnp.float32),
+          jnp.zeros(weight.shape, jnp.float32) if need_weight else None)
+  (total, d_weight), d_rows = lax.scan(step, init, xs)
+  d_hidden, d_weight = _scatter_grads(d_rows, d_weight, idx, hidden, weight,
+                                      vocab_axis=vocab_axis, row_axes=row_axes)
+  total = _psum(total, row_axes)
+  return (total, d_hidden) + ((d_weight,) if need_weight else ())
 
 
 def _axes_of(spec_entries) -> tuple[str, ...]:
@@ -147,51 +204,68 @@ def _local_rows(mesh, hidden_shape, h_spec) -> int:
   return hidden_shape[0] * hidden_shape[1] // shards
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _loss_sum(hidden, weight, labels, chunk_size, z_loss, max_rows, mesh):
-  return _loss_sum_fwd(hidden, weight, labels, chunk_size, z_loss, max_rows, mesh)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _loss_sum(hidden, weight, labels, chunk_size, z_loss, max_rows, mesh, fused):
+  del fused
+  args = (mesh, hidden, weight, labels, max_rows, chunk_size, z_loss)
+  return _sharded(_forward_local, *args, out_specs=("scalar", "lse"))[0]
 
 
-def _loss_sum_fwd(hidden, weight, labels, chunk_size, z_loss, max_rows, mesh):
+def _sharded(local_fn, mesh, hidden, weight, labels, max_rows, chunk_size, z_loss, *, extra=(),
+             extra_specs=(), out_specs):
+  """Run `local_fn(hidden, weight, labels, *extra)` per device (or directly without a mesh)."""
   if mesh is None:
     plan = _row_plan(labels.size, max_rows, chunk_size)
-    loss, lse = _forward_local(hidden, weight, labels, plan=plan, z_loss=z_loss,
-                               vocab_axis=None, row_axes=())
-    return loss, (hidden, weight, labels, lse)
+    return local_fn(hidden, weight, labels, *extra, plan=plan, z_loss=z_loss, vocab_axis=None,
+                    row_axes=())
   h_spec, l_spec, w_spec, lse_spec, row_axes, vocab_axis = _layout(mesh, hidden.shape,
                                                                    weight.shape)
   plan = _row_plan(_local_rows(mesh, hidden.shape, h_spec), max_rows, chunk_size)
-  fwd = functools.partial(_forward_local, plan=plan, z_loss=z_loss, vocab_axis=vocab_axis,
-                          row_axes=row_axes)
-  loss, lse = jax.shard_map(fwd, mesh=mesh, in_specs=(h_spec, w_spec, l_spec),
-                            out_specs=(P(), lse_spec), check_vma=False)(hidden, weight, labels)
+  fn = functools.partial(local_fn, plan=plan, z_loss=z_loss, vocab_axis=vocab_axis,
+                         row_axes=row_axes)
+  specs = dict(h=h_spec, w=w_spec, lse=lse_spec, scalar=P())
+  return jax.shard_map(fn, mesh=mesh,
+                       in_specs=(h_spec, w_spec, l_spec) + tuple(specs[e] for e in extra_specs),
+                       out_specs=tuple(specs[o] for o in out_specs), check_vma=False)(
+                           hidden, weight, labels, *extra)
+
+
+def _loss_sum_fwd(hidden, weight, labels, chunk_size, z_loss, max_rows, mesh, fused):
+  # symbolic_zeros=True: the differentiable arguments arrive as CustomVJPPrimal, which says
+  # whether each is differentiated (a frozen head weight needs no [D, V] gradient).
+  need_weight = weight.perturbed
+  hidden, weight, labels = hidden.value, weight.value, labels.value
+  args = (mesh, hidden, weight, labels, max_rows, chunk_size, z_loss)
+  if fused:
+    local = functools.partial(_fused_local, need_weight=need_weight)
+    loss, d_hidden, *d_weight = _sharded(local, *args,
+                                         out_specs=("scalar", "h") + (("w",) if need_weight else ()))
+    return loss, (d_hidden, d_weight[0] if need_weight else None)
+  loss, lse = _sharded(_forward_local, *args, out_specs=("scalar", "lse"))
   return loss, (hidden, weight, labels, lse)
 
 
-def _loss_sum_bwd(chunk_size, z_loss, max_rows, mesh, residuals, g):
-  hidden, weight, labels, lse = residuals
+def _loss_sum_bwd(chunk_size, z_loss, max_rows, mesh, fused, residuals, g):
+  if isinstance(g, SymbolicZero):
+    return None, None, None
   g = g.astype(jnp.float32)
-  if mesh is None:
-    plan = _row_plan(labels.size, max_rows, chunk_size)
-    d_hidden, d_weight = _backward_local(hidden, weight, labels, lse, g, plan=plan,
-                                         z_loss=z_loss, vocab_axis=None, row_axes=())
-    return d_hidden, d_weight, None
-  h_spec, l_spec, w_spec, lse_spec, row_axes, vocab_axis = _layout(mesh, hidden.shape,
-                                                                   weight.shape)
-  plan = _row_plan(_local_rows(mesh, hidden.shape, h_spec), max_rows, chunk_size)
-  bwd = functools.partial(_backward_local, plan=plan, z_loss=z_loss, vocab_axis=vocab_axis,
-                          row_axes=row_axes)
-  d_hidden, d_weight = jax.shard_map(
-      bwd, mesh=mesh, in_specs=(h_spec, w_spec, l_spec, lse_spec, P()),
-      out_specs=(h_spec, w_spec), check_vma=False)(hidden, weight, labels, lse, g)
+  if fused:
+    d_hidden, d_weight = residuals
+    scale = lambda x: None if x is None else (g * x).astype(x.dtype)
+    return scale(d_hidden), scale(d_weight), None
+  hidden, weight, labels, lse = residuals
+  d_hidden, d_weight = _sharded(_backward_local, mesh, hidden, weight, labels, max_rows,
+                                chunk_size, z_loss, extra=(lse, g), extra_specs=("lse", "scalar"),
+                                out_specs=("h", "w"))
   return d_hidden, d_weight, None
 
 
-_loss_sum.defvjp(_loss_sum_fwd, _loss_sum_bwd)
+_loss_sum.defvjp(_loss_sum_fwd, _loss_sum_bwd, symbolic_zeros=True)
 
 
 def chunked_cross_entropy(hidden, weight, labels, *, chunk_size: int, z_loss: float = 0.0,
-                          max_rows: int | None = None, mesh: jax.sharding.Mesh | None = None):
+                          max_rows: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                          fused_grad: bool = False):
   """Summed softmax cross-entropy over supervised tokens, never building [B, S, V] logits.
 
   hidden [B, S, D] (any float dtype), weight [D, V], labels int [B, S] aligned with hidden
@@ -201,6 +275,12 @@ def chunked_cross_entropy(hidden, weight, labels, *, chunk_size: int, z_loss: fl
   per device (default: all of them); rows beyond it are dropped from both loss and count.
   With `mesh`, rows are split as hidden's logical axes (batch, length) and the vocabulary over
   `tensor` (when it divides V); the result is replicated.
+
+  `fused_grad=True` (training) computes the gradients already in the forward pass under
+  differentiation, the backward only scaling them by the incoming cotangent: one [chunk, V]
+  logits matmul per chunk instead of two, at the cost of holding d_hidden and an fp32 d_weight
+  (the size of the head weight's local shard) from the LM head until the backward reaches it.
+  Without differentiation both modes run the same forward.
   """
   if hidden.ndim != 3 or labels.shape != hidden.shape[:2]:
     raise ValueError(f"hidden {hidden.shape} and labels {labels.shape} must be [B, S, D] and "
@@ -213,7 +293,8 @@ def chunked_cross_entropy(hidden, weight, labels, *, chunk_size: int, z_loss: fl
   if mesh is not None and mesh.size == 1:
     mesh = None
   labels = labels.astype(jnp.int32)
-  loss = _loss_sum(hidden, weight, labels, int(chunk_size), float(z_loss), max_rows, mesh)
+  loss = _loss_sum(hidden, weight, labels, int(chunk_size), float(z_loss), max_rows, mesh,
+                   bool(fused_grad))
   return loss, _num_tokens(labels, max_rows, mesh)
 
 
