@@ -7,7 +7,6 @@ A decoder layer is split in two pure functions so a KV cache can sit between the
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

@@ -238,8 +238,8 @@ def _loss_sum_fwd(hidden, weight, labels, chunk_size, z_loss, max_rows, mesh, fu
   args = (mesh, hidden, weight, labels, max_rows, chunk_size, z_loss)
   if fused:
     local = functools.partial(_fused_local, need_weight=need_weight)
-    loss, d_hidden, *d_weight = _sharded(local, *args,
-                                         out_specs=("scalar", "h") + (("w",) if need_weight else ()))
+    outs = ("scalar", "h") + (("w",) if need_weight else ())
+    loss, d_hidden, *d_weight = _sharded(local, *args, out_specs=outs)
     return loss, (d_hidden, d_weight[0] if need_weight else None)
   loss, lse = _sharded(_forward_local, *args, out_specs=("scalar", "lse"))
   return loss, (hidden, weight, labels, lse)
