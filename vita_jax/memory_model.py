@@ -202,8 +202,8 @@ def estimate(config: ml_collections.ConfigDict, mesh_shape: dict) -> Estimate:
 
   # Decoder activations kept for the backward pass, per layer and per token (the set XLA keeps
   # for this code: residual stream, norms, q/k/v before and after RoPE, attention output, and
-  # gate, up and silu(gate) * up: `swiglu` recomputes the sigmoid in its backward).
-  layer_all = (6 * d + 4 * hq * hd + 2 * hkv * hd + 3 * f) * c + 4 * hq
+  # gate and up: `swiglu_mlp` recomputes silu(gate) * up in its backward).
+  layer_all = (6 * d + 4 * hq * hd + 2 * hkv * hd + 2 * f) * c + 4 * hq
   policy = model.remat if needs_backward else "none"
   saved_per_token = {"none": layer_all, "full": d * c,
                      "dots": 3 * d * c + (hq + 2 * hkv) * hd * c + 2 * f * c}[policy]

@@ -92,6 +92,43 @@ def _swiglu_bwd(res, dy):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+@jax.custom_vjp
+def swiglu_mlp(h, gate_kernel, up_kernel, down_kernel):
+  """Qwen2's MLP, down(silu(h @ gate) * up(h)): h [B, S, D], kernels [D, F], [D, F], [F, D].
+
+  The hand-written backward keeps h, gate and up (not silu(gate) * up, recomputed in the same
+  pass as the SwiGLU derivative) and writes each weight gradient as one token-contracting
+  matmul. Autodiff of the same einsums makes XLA:CPU transpose the [tokens, F] cotangents
+  and compute the SwiGLU derivative twice (once per layout): ~25% of the MLP's fwd+bwd time at
+  the `small` shape, ~8% of a training step.
+  """
+  return _swiglu_mlp_fwd(h, gate_kernel, up_kernel, down_kernel)[0]
+
+
+def _swiglu_mlp_fwd(h, gate_kernel, up_kernel, down_kernel):
+  gate = jnp.einsum("bsd,df->bsf", h, gate_kernel)
+  up = jnp.einsum("bsd,df->bsf", h, up_kernel)
+  out = jnp.einsum("bsf,fd->bsd", swiglu(gate, up), down_kernel)
+  return out, (h, gate, up, gate_kernel, up_kernel, down_kernel)
+
+
+def _swiglu_mlp_bwd(res, d_out):
+  h, gate, up, gate_kernel, up_kernel, down_kernel = res
+  act = jax.nn.silu(gate.astype(jnp.float32)).astype(up.dtype) * up
+  d_act = jnp.einsum("bsd,fd->bsf", d_out, down_kernel)
+  d_gate, d_up = _swiglu_bwd((gate, up), d_act)
+  d_h = (jnp.einsum("bsf,df->bsd", d_gate, gate_kernel) +
+         jnp.einsum("bsf,df->bsd", d_up, up_kernel))
+  d_gate_kernel = jnp.einsum("bsd,bsf->df", h, d_gate)
+  d_up_kernel = jnp.einsum("bsd,bsf->df", h, d_up)
+  d_down_kernel = jnp.einsum("bsf,bsd->fd", act, d_out)
+  return (d_h.astype(h.dtype), d_gate_kernel.astype(gate_kernel.dtype),
+          d_up_kernel.astype(up_kernel.dtype), d_down_kernel.astype(down_kernel.dtype))
+
+
+swiglu_mlp.defvjp(_swiglu_mlp_fwd, _swiglu_mlp_bwd)
+
+
 def remat(fn: Callable, policy: str) -> Callable:
   """Wrap a per-layer function with activation rematerialisation."""
   if policy == "none":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from vita_jax.models.common import param, rms_norm, run_layers, swiglu, values
+from vita_jax.models.common import param, rms_norm, run_layers, swiglu_mlp, values
 from vita_jax.ops.attention import attention
 from vita_jax.parallel.sharding import constrain
 
@@ -48,9 +48,7 @@ def layer_finish(p: dict, x, attn_out, eps: float):
   """Residual input x [B, S, D] and attention output [B, S, Hq, hd] -> layer output."""
   x = x + jnp.einsum("bshk,hkd->bsd", attn_out, p["o_kernel"])
   h = rms_norm(x, p["mlp_norm"], eps)
-  gate = jnp.einsum("bsd,df->bsf", h, p["gate_kernel"])
-  up = jnp.einsum("bsd,df->bsf", h, p["up_kernel"])
-  return x + jnp.einsum("bsf,fd->bsd", swiglu(gate, up), p["down_kernel"])
+  return x + swiglu_mlp(h, p["gate_kernel"], p["up_kernel"], p["down_kernel"])
 
 
 class DecoderLayers(nnx.Module):
