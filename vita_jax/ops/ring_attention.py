@@ -2,25 +2,29 @@
 
 Each device keeps its query block; key/value blocks travel around the ring with `ppermute`
 together with their segment ids and positions, so the mask is right for any token layout
-(contiguous, zigzag, packed). Partial results are merged by log-sum-exp in fp32.
+(contiguous, zigzag, packed). Each device keeps a running flash-style (acc, max, sum) in fp32.
 
 The backward is a `custom_vjp` that keeps only the local q, k, v, output and log-sum-exp
-(O(S / shards) per device), recomputes the scores block by block, and sends dK/dV around the
-ring with their K/V block so they arrive back at the owner after a full turn.
+(O(S / shards) per device), recomputes the scores tile by tile, and sends dK/dV around the ring
+with their K/V block so they arrive back at the owner after a full turn.
 
 Inside a block, work is split into q_chunk x kv_chunk tiles (so a 32K local block never builds a
-32K x 32K score matrix), and tiles or whole blocks that the mask hides entirely are skipped,
-decided from their actual segment and position ranges. With no ring axis the same kernel is the
-single-device attention (`blockwise_attention`).
+32K x 32K score matrix). Each tile is skipped when the mask hides it entirely, computed without
+any mask when it hides nothing (one segment, keys all in the past: most tiles of a long causal
+sequence), and masked otherwise; decided from the tile's actual segment and position ranges
+(`attention_tiles.tile_kind`). With no ring axis the same kernel is the single-device attention
+(`blockwise_attention`).
 
 Shapes: q [B, S, Hq, D], k/v [B, S, Hkv, D] with Hq a multiple of Hkv (GQA: query heads are
-grouped per KV head, K/V are never repeated); segment_ids/positions int32 [B, S].
-Internally q is grouped as [B, S, Hkv, G, D] and the log-sum-exp is [B, S, Hkv, G].
+grouped per KV head, K/V are never repeated); segment_ids/positions int32 [B, S]. Internally
+the layout is head-major: q [B, Hkv, G, S, D], k and v stacked as kv [2, B, Hkv, S, D] (one
+transfer per ring step), ids stacked as [2, B, S] (segment ids, positions).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -28,12 +32,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from vita_jax.ops.attention import attention_mask
+from vita_jax.ops.attention_tiles import (FULL, MASKED, SKIP, may_attend,  # noqa: F401
+                                          merge_across, merge_partials, partial_attention,
+                                          tile_backward, tile_forward, tile_kind)
 
 DEFAULT_Q_CHUNK = 512
 DEFAULT_KV_CHUNK = 512
-_INT_MAX = jnp.iinfo(jnp.int32).max
-_INT_MIN = jnp.iinfo(jnp.int32).min
+_UNROLL_TILES = 16  # blocks of at most this many tiles are unrolled (no loop plumbing)
 
 
 class _Config(NamedTuple):
@@ -43,155 +48,100 @@ class _Config(NamedTuple):
   scale: float
   q_chunk: int
   kv_chunk: int
+  unroll: bool = False
 
 
-def merge_partials(out_a, lse_a, out_b, lse_b):
-  """Combine two attentions over disjoint key sets. out [..., D] fp32, lse [...] fp32.
-
-  A row with no visible keys has lse = -inf and out = 0 on either side; the merge keeps that
-  (weights exp(-inf) = 0) instead of producing NaN.
-  """
-  lse = jnp.logaddexp(lse_a, lse_b)
-  safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
-  out = out_a * jnp.exp(lse_a - safe)[..., None] + out_b * jnp.exp(lse_b - safe)[..., None]
-  return out, lse
+def _cut(x, axis: int, i, size: int):
+  return lax.dynamic_slice_in_dim(x, i * size, size, axis=axis)
 
 
-def merge_across(out, lse, axis_name: str):
-  """merge_partials over every shard of mesh axis `axis_name` (inside shard_map): pmax and psum
-  of out-sized arrays, never a gather. out [..., D] fp32, lse [...] fp32; same -inf rules."""
-  top = lax.pmax(lse, axis_name)
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
-  weight = jnp.exp(lse - top)                       # 0 where a shard sees nothing
-  total = lax.psum(weight, axis_name)
-  out = lax.psum(out * weight[..., None], axis_name) / jnp.where(total > 0, total, 1.0)[..., None]
-  lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
-  return out, lse
+def _rows(x, i, size: int):
+  """Query tile i of a [B, H, G, S, ...] array as [B, H, G*size, ...] (groups stacked)."""
+  t = _cut(x, 3, i, size)
+  return t.reshape(*t.shape[:2], -1, *t.shape[4:])
 
 
-def may_attend(q_seg, q_pos, kv_seg, kv_pos, causal: bool):
-  """Scalar bool: False only if no query of the block can see any key of the block.
-
-  Decided from the actual ranges of non-padding segment ids and positions, so it is correct
-  for any token layout (it may say True for a block that is masked after all).
-  """
-  q_valid, kv_valid = q_seg != 0, kv_seg != 0
-  q_lo, q_hi = jnp.min(jnp.where(q_valid, q_seg, _INT_MAX)), jnp.max(q_seg)
-  kv_lo, kv_hi = jnp.min(jnp.where(kv_valid, kv_seg, _INT_MAX)), jnp.max(kv_seg)
-  overlap = (q_lo <= kv_hi) & (kv_lo <= q_hi)
-  if causal:
-    q_pos_hi = jnp.max(jnp.where(q_valid, q_pos, _INT_MIN))
-    kv_pos_lo = jnp.min(jnp.where(kv_valid, kv_pos, _INT_MAX))
-    overlap &= q_pos_hi >= kv_pos_lo
-  return overlap
+def _put_rows(x, tile, i, size: int):
+  """Inverse of _rows: write tile [B, H, G*size, ...] back into x [B, H, G, S, ...]."""
+  tile = tile.reshape(*x.shape[:3], size, *x.shape[4:])
+  return lax.dynamic_update_slice_in_dim(x, tile, i * size, axis=3)
 
 
-def _scores(q, k, q_seg, q_pos, kv_seg, kv_pos, cfg: _Config):
-  """Masked fp32 scores [B, cq, Hkv, G, ck] and the mask broadcast to them."""
-  s = jnp.einsum("bqhgd,bkhd->bqhgk", q, k, preferred_element_type=jnp.float32) * cfg.scale
-  mask = attention_mask(q_seg, q_pos, kv_seg, kv_pos, cfg.causal)[:, :, None, None, :]
-  return s, mask
+def _loop(n: int, body, init, cfg: _Config):
+  return lax.fori_loop(0, n, body, init, unroll=True if cfg.unroll else 1)
 
 
-def _tile_forward(q, k, v, q_seg, q_pos, kv_seg, kv_pos, cfg: _Config):
-  """One q_chunk x kv_chunk tile -> (out [B,cq,Hkv,G,D] fp32 normalized, lse [B,cq,Hkv,G])."""
-  s, mask = _scores(q, k, q_seg, q_pos, kv_seg, kv_pos, cfg)
-  s = jnp.where(mask, s, -jnp.inf)
-  row_max = jnp.max(s, axis=-1)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  p = jnp.where(mask, jnp.exp(s - row_max[..., None]), 0.0)
-  denom = jnp.sum(p, axis=-1)
-  out = jnp.einsum("bqhgk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  out = out / jnp.where(denom == 0, 1.0, denom)[..., None]
-  lse = jnp.where(denom > 0, row_max + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
-  return out, lse
+def _switch(kind, compute, carry):
+  """compute(masked: bool, carry) on a tile of the given kind; SKIP returns carry unchanged."""
+  branches = [None] * 3
+  branches[SKIP] = lambda c: c
+  branches[FULL] = functools.partial(compute, False)
+  branches[MASKED] = functools.partial(compute, True)
+  return lax.switch(kind, branches, carry)
 
 
-def partial_attention(q, k, v, q_seg, q_pos, kv_seg, kv_pos, *, causal: bool = True,
-                      scale: float | None = None):
-  """Softmax of q [B,Q,Hq,D] over one key set k/v [B,K,Hkv,D] (the ring's tile kernel, no
-  chunking) -> (normalised out fp32 [B,Q,Hkv,G,D], lse fp32 [B,Q,Hkv,G]; -inf where nothing is
-  visible), ready for merge_partials / merge_across."""
-  b, sq, hq, d = q.shape
-  hkv = k.shape[2]
-  scale = d ** -0.5 if scale is None else float(scale)
-  cfg = _Config(None, 1, causal, scale, sq, k.shape[1])
-  return _tile_forward(q.reshape(b, sq, hkv, hq // hkv, d), k, v, q_seg, q_pos, kv_seg, kv_pos,
-                       cfg)
-
-
-def _tile_backward(q, k, v, q_seg, q_pos, kv_seg, kv_pos, lse, dout, delta, cfg: _Config):
-  """Gradients of one tile given the final lse and delta = sum(dout * out, -1).
-
-  Returns dq [B,cq,Hkv,G,D], dk/dv [B,ck,Hkv,D], all fp32.
-  """
-  s, mask = _scores(q, k, q_seg, q_pos, kv_seg, kv_pos, cfg)
-  lse = jnp.where(jnp.isneginf(lse), 0.0, lse)
-  p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
-  dp = jnp.einsum("bqhgd,bkhd->bqhgk", dout, v, preferred_element_type=jnp.float32)
-  ds = (p * (dp - delta[..., None]) * cfg.scale).astype(q.dtype)
-  dq = jnp.einsum("bqhgk,bkhd->bqhgd", ds, k, preferred_element_type=jnp.float32)
-  dk = jnp.einsum("bqhgk,bqhgd->bkhd", ds, q, preferred_element_type=jnp.float32)
-  dv = jnp.einsum("bqhgk,bqhgd->bkhd", p.astype(dout.dtype), dout,
-                  preferred_element_type=jnp.float32)
-  return dq, dk, dv
-
-
-def _slice(x, i, size):
-  return lax.dynamic_slice_in_dim(x, i * size, size, axis=1)
-
-
-def _add_slice(acc, update, i, size):
-  return lax.dynamic_update_slice_in_dim(acc, _slice(acc, i, size) + update, i * size, axis=1)
-
-
-def _block_forward(q, q_seg, q_pos, kv, carry, cfg: _Config):
-  """Attend the local query block to one K/V block, merged into carry = (out, lse)."""
-  k, v, kv_seg, kv_pos = kv
+def _block_forward(qh, q_ids, kv, kv_ids, state, cfg: _Config):
+  """Attend the local queries qh [B,H,G,Sq,D] to one K/V block kv [2,B,H,Sk,D]; state =
+  (acc [B,H,G,Sq,D], max, sum [B,H,G,Sq]) fp32."""
   cq, ck = cfg.q_chunk, cfg.kv_chunk
+  tile = functools.partial(tile_forward, causal=cfg.causal, scale=cfg.scale,
+                           groups=qh.shape[2])
 
-  def q_step(i, carry):
-    qi, segi, posi = _slice(q, i, cq), _slice(q_seg, i, cq), _slice(q_pos, i, cq)
+  def q_step(i, state):
+    q_i, qid_i = _rows(qh, i, cq), _cut(q_ids, 2, i, cq)
 
-    def kv_step(j, acc):
-      kvj = [_slice(x, j, ck) for x in (k, v, kv_seg, kv_pos)]
-      compute = lambda acc: merge_partials(*acc, *_tile_forward(qi, *kvj[:2], segi, posi,
-                                                                *kvj[2:], cfg))
-      return lax.cond(may_attend(segi, posi, *kvj[2:], cfg.causal), compute, lambda a: a, acc)
+    def kv_step(j, st):
+      k_j, v_j = _cut(kv, 3, j, ck)
+      kid_j = _cut(kv_ids, 2, j, ck)
+      ids = (qid_i[0], qid_i[1], kid_j[0], kid_j[1])
+      compute = lambda masked, st: tile(q_i, k_j, v_j, ids, st, masked=masked)
+      return _switch(tile_kind(*ids, cfg.causal), compute, st)
 
-    acc = (_slice(carry[0], i, cq), _slice(carry[1], i, cq))
-    out_i, lse_i = lax.fori_loop(0, k.shape[1] // ck, kv_step, acc)
-    return (lax.dynamic_update_slice_in_dim(carry[0], out_i, i * cq, axis=1),
-            lax.dynamic_update_slice_in_dim(carry[1], lse_i, i * cq, axis=1))
+    st = _loop(kv.shape[3] // ck, kv_step, tuple(_rows(x, i, cq) for x in state), cfg)
+    return tuple(_put_rows(x, t, i, cq) for x, t in zip(state, st))
 
-  return lax.fori_loop(0, q.shape[1] // cq, q_step, carry)
+  return _loop(qh.shape[3] // cq, q_step, state, cfg)
 
 
-def _block_backward(q, q_seg, q_pos, lse, dout, delta, kv, grads, cfg: _Config):
-  """Accumulate the gradients of one (local queries, K/V block) pair into grads = (dq, dk, dv)."""
-  k, v, kv_seg, kv_pos = kv
+def _block_backward(qh, q_ids, dout, lse, delta, kv, kv_ids, grads, cfg: _Config):
+  """Accumulate one (local queries, K/V block) pair into grads = (dq_t [B,H,D,G,Sq],
+  dkv [2,B,H,Sk,D]) fp32, unscaled (see tile_backward)."""
   cq, ck = cfg.q_chunk, cfg.kv_chunk
+  tile = functools.partial(tile_backward, causal=cfg.causal, scale=cfg.scale,
+                           groups=qh.shape[2])
+  k_t = jnp.swapaxes(kv[0], -1, -2)                                # [B, H, D, Sk]
 
-  def q_step(i, grads):
-    qi, segi, posi = _slice(q, i, cq), _slice(q_seg, i, cq), _slice(q_pos, i, cq)
-    lse_i, dout_i, delta_i = _slice(lse, i, cq), _slice(dout, i, cq), _slice(delta, i, cq)
+  def kv_step(j, grads):
+    kt_j, v_j = _cut(k_t, 3, j, ck), _cut(kv[1], 2, j, ck)
+    kid_j = _cut(kv_ids, 2, j, ck)
 
-    def kv_step(j, acc):
-      kj, vj, segj, posj = [_slice(x, j, ck) for x in (k, v, kv_seg, kv_pos)]
+    def q_step(i, acc):
+      qid_i = _cut(q_ids, 2, i, cq)
+      ids = (qid_i[0], qid_i[1], kid_j[0], kid_j[1])
+      q_i = _rows(qh, i, cq)
 
-      def compute(acc):
-        tq, tk, tv = _tile_backward(qi, kj, vj, segi, posi, segj, posj, lse_i, dout_i, delta_i,
-                                    cfg)
-        return acc[0] + tq, _add_slice(acc[1], tk, j, ck), _add_slice(acc[2], tv, j, ck)
+      def compute(masked, _):
+        return tile(q_i, kt_j, v_j, _rows(dout, i, cq), _rows(lse, i, cq), _rows(delta, i, cq),
+                    ids, masked=masked)
 
-      return lax.cond(may_attend(segi, posi, segj, posj, cfg.causal), compute, lambda a: a, acc)
+      # The branches return contributions (zeros when skipped), so the accumulators stay out
+      # of the conditional and are updated in place.
+      zeros = (jnp.zeros_like(q_i, jnp.float32, shape=(*q_i.shape[:2], q_i.shape[3],
+                                                        q_i.shape[2])),
+               jnp.zeros_like(v_j, jnp.float32), jnp.zeros_like(v_j, jnp.float32))
+      tq, tk, tv = _switch(tile_kind(*ids, cfg.causal), compute, zeros)
+      dq_t, dk, dv = acc
+      tq = tq.reshape(*tq.shape[:2], tq.shape[2], -1, cq)          # [B, H, D, G, cq]
+      dq_t = lax.dynamic_update_slice_in_dim(dq_t, _cut(dq_t, 4, i, cq) + tq, i * cq, axis=4)
+      return dq_t, dk + tk, dv + tv
 
-    dq, dk, dv = grads
-    dq_i, dk, dv = lax.fori_loop(0, k.shape[1] // ck, kv_step,
-                                 (jnp.zeros_like(qi, jnp.float32), dk, dv))
-    return _add_slice(dq, dq_i, i, cq), dk, dv
+    dq_t, dkv = grads
+    zeros = jnp.zeros_like(v_j, jnp.float32)
+    dq_t, dk, dv = _loop(qh.shape[3] // cq, q_step, (dq_t, zeros, zeros), cfg)
+    update = _cut(dkv, 3, j, ck) + jnp.stack([dk, dv])
+    return dq_t, lax.dynamic_update_slice_in_dim(dkv, update, j * ck, axis=3)
 
-  return lax.fori_loop(0, q.shape[1] // cq, q_step, grads)
+  return _loop(kv.shape[3] // ck, kv_step, grads, cfg)
 
 
 def _rotate(xs, cfg: _Config):
@@ -200,78 +150,81 @@ def _rotate(xs, cfg: _Config):
   return tuple(lax.ppermute(x, cfg.axis_name, perm) for x in xs)
 
 
-def _if_visible(q_seg, q_pos, kv, fn, carry, cfg: _Config):
+def _if_visible(q_ids, kv_ids, fn, carry, cfg: _Config):
   """Run fn(carry) only if the K/V block can be seen by some local query (block skipping)."""
-  return lax.cond(may_attend(q_seg, q_pos, kv[2], kv[3], cfg.causal), fn, lambda c: c, carry)
+  visible = may_attend(q_ids[0], q_ids[1], kv_ids[0], kv_ids[1], cfg.causal)
+  return lax.cond(visible, fn, lambda c: c, carry)
 
 
-def _ring_forward(q, k, v, q_seg, q_pos, kv_seg, kv_pos, cfg: _Config):
-  b, s, hq, d = q.shape
-  hkv = k.shape[2]
-  qg = q.reshape(b, s, hkv, hq // hkv, d)
+def _ring(step, kv, kv_ids, carry, cfg: _Config, rotate_carry: bool = False):
+  """Run step(kv, kv_ids, carry) on every K/V block of the ring; with rotate_carry the carry's
+  last entry travels with the blocks (and ends back home after a full turn)."""
+  def ring_step(_, state):
+    kv, kv_ids, carry = state
+    next_kv = _rotate((kv, kv_ids), cfg)  # issued first so the transfer overlaps the compute
+    carry = step(kv, kv_ids, carry)
+    if rotate_carry:
+      carry = (*carry[:-1], *_rotate(carry[-1:], cfg))
+    return (*next_kv, carry)
+
+  if cfg.num_shards > 1:
+    kv, kv_ids, carry = lax.fori_loop(0, cfg.num_shards - 1, ring_step, (kv, kv_ids, carry))
+  carry = step(kv, kv_ids, carry)
+  if rotate_carry and cfg.num_shards > 1:
+    carry = (*carry[:-1], *_rotate(carry[-1:], cfg))
+  return carry
+
+
+def _ring_forward(qh, kv, ids, cfg: _Config):
+  """-> (out [B,H,G,S,D] in q's dtype, lse [B,H,G,S] fp32, -inf where nothing is visible)."""
   # *_like keeps the varying-over-mesh-axes type that shard_map checks on loop carries.
-  carry = (jnp.zeros_like(qg, jnp.float32),
-           jnp.full_like(qg, -jnp.inf, jnp.float32, shape=qg.shape[:-1]))
+  stat = jnp.zeros_like(qh, jnp.float32, shape=qh.shape[:-1])
+  state = (jnp.zeros_like(qh, jnp.float32), stat - jnp.inf, stat)
 
-  def step(kv, carry):
-    block = functools.partial(_block_forward, qg, q_seg, q_pos, kv, cfg=cfg)
-    return _if_visible(q_seg, q_pos, kv, block, carry, cfg)
+  def step(kv, kv_ids, state):
+    block = functools.partial(_block_forward, qh, ids, kv, kv_ids, cfg=cfg)
+    return _if_visible(ids, kv_ids, block, state, cfg)
 
-  def ring_step(_, state):
-    kv, carry = state
-    next_kv = _rotate(kv, cfg)  # issued first so the transfer overlaps the compute
-    return next_kv, step(kv, carry)
-
-  kv = (k, v, kv_seg, kv_pos)
-  if cfg.num_shards > 1:
-    kv, carry = lax.fori_loop(0, cfg.num_shards - 1, ring_step, (kv, carry))
-  out, lse = step(kv, carry)
-  return out.reshape(q.shape).astype(q.dtype), lse
+  acc, row_max, row_sum = _ring(step, kv, ids, state, cfg)
+  seen = row_sum > 0
+  out = acc / jnp.where(seen, row_sum, 1.0)[..., None]
+  lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
+  return out.astype(qh.dtype), lse
 
 
-def _ring_backward(q, k, v, q_seg, q_pos, kv_seg, kv_pos, out, lse, dout, cfg: _Config):
-  b, s, hq, d = q.shape
-  hkv = k.shape[2]
-  group = lambda x: x.reshape(b, s, hkv, hq // hkv, d)
-  qg, dout = group(q), group(dout.astype(q.dtype))
-  delta = jnp.sum(dout.astype(jnp.float32) * group(out).astype(jnp.float32), axis=-1)
-  grads = (jnp.zeros_like(qg, jnp.float32), jnp.zeros_like(k, jnp.float32),
-           jnp.zeros_like(v, jnp.float32))
+def _ring_backward(qh, kv, ids, out, lse, dout, cfg: _Config):
+  dout = dout.astype(qh.dtype)
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  lse = jnp.where(jnp.isneginf(lse), 0.0, lse)   # such rows have every key masked
+  b, h, g, sq, d = qh.shape
+  grads = (jnp.zeros_like(qh, jnp.float32, shape=(b, h, d, g, sq)),
+           jnp.zeros_like(kv, jnp.float32))
 
-  def step(kv, grads):
-    block = functools.partial(_block_backward, qg, q_seg, q_pos, lse, dout, delta, kv, cfg=cfg)
-    return _if_visible(q_seg, q_pos, kv, block, grads, cfg)
+  def step(kv, kv_ids, grads):
+    block = functools.partial(_block_backward, qh, ids, dout, lse, delta, kv, kv_ids, cfg=cfg)
+    return _if_visible(ids, kv_ids, block, grads, cfg)
 
-  def ring_step(_, state):
-    # dK/dV travel with their K/V block; after a full turn they are back at the owner.
-    kv, grads = state
-    next_kv = _rotate(kv, cfg)  # overlaps the compute; dK/dV can only leave after it
-    dq, dk, dv = step(kv, grads)
-    return next_kv, (dq, *_rotate((dk, dv), cfg))
-
-  kv = (k, v, kv_seg, kv_pos)
-  if cfg.num_shards > 1:
-    kv, grads = lax.fori_loop(0, cfg.num_shards - 1, ring_step, (kv, grads))
-  dq, dk, dv = step(kv, grads)
-  if cfg.num_shards > 1:
-    dk, dv = _rotate((dk, dv), cfg)
-  return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  dq_t, dkv = _ring(step, kv, ids, grads, cfg, rotate_carry=True)
+  dkv = dkv * jnp.asarray([cfg.scale, 1.0], jnp.float32)[:, None, None, None, None]
+  dq = (dq_t * cfg.scale).transpose(0, 1, 3, 4, 2)                 # [B, H, G, Sq, D]
+  return dq.astype(qh.dtype), dkv.astype(kv.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _attention_core(q, k, v, q_seg, q_pos, kv_seg, kv_pos, cfg: _Config):
-  return _ring_forward(q, k, v, q_seg, q_pos, kv_seg, kv_pos, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention_core(qh, kv, ids, cfg: _Config):
+  """qh [B,H,G,S,D], kv [2,B,H,S,D], ids [2,B,S] (segment ids, positions) -> out like qh."""
+  return _ring_forward(qh, kv, ids, cfg)[0]
 
 
-def _core_fwd(q, k, v, q_seg, q_pos, kv_seg, kv_pos, cfg):
-  out, lse = _ring_forward(q, k, v, q_seg, q_pos, kv_seg, kv_pos, cfg)
-  return out, (q, k, v, q_seg, q_pos, kv_seg, kv_pos, out, lse)
+def _core_fwd(qh, kv, ids, cfg):
+  out, lse = _ring_forward(qh, kv, ids, cfg)
+  return out, (qh, kv, ids, out, lse)
 
 
 def _core_bwd(cfg, residuals, dout):
-  q, k, v, q_seg, q_pos, kv_seg, kv_pos, out, lse = residuals
-  dq, dk, dv = _ring_backward(q, k, v, q_seg, q_pos, kv_seg, kv_pos, out, lse, dout, cfg)
-  return dq, dk, dv, None, None, None, None
+  qh, kv, ids, out, lse = residuals
+  dq, dkv = _ring_backward(qh, kv, ids, out, lse, dout, cfg)
+  return dq, dkv, None
 
 
 _attention_core.defvjp(_core_fwd, _core_bwd)
@@ -285,15 +238,19 @@ def _pad_seq(x, length: int):
 
 
 def _local_attention(q, k, v, segment_ids, positions, cfg: _Config):
-  """Chunk-aligned call of the core on this device's block (padding to whole chunks)."""
-  s = q.shape[1]
+  """This device's block: pad to whole tiles, go head-major, run the core, come back."""
+  b, s, hq, d = q.shape
+  hkv = k.shape[2]
   cq, ck = min(cfg.q_chunk, s), min(cfg.kv_chunk, s)
-  sq, sk = -(-s // cq) * cq, -(-s // ck) * ck
-  cfg = cfg._replace(q_chunk=cq, kv_chunk=ck)
-  out = _attention_core(_pad_seq(q, sq), _pad_seq(k, sk), _pad_seq(v, sk),
-                        _pad_seq(segment_ids, sq), _pad_seq(positions, sq),
-                        _pad_seq(segment_ids, sk), _pad_seq(positions, sk), cfg)
-  return out[:, :s]
+  whole = math.lcm(cq, ck)                 # q and kv share one padded length (one ids array)
+  padded = -(-s // whole) * whole
+  tiles = (padded // cq) * (padded // ck)
+  cfg = cfg._replace(q_chunk=cq, kv_chunk=ck, unroll=tiles <= _UNROLL_TILES)
+  qh = _pad_seq(q, padded).reshape(b, padded, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)
+  kv = jnp.stack([_pad_seq(k, padded), _pad_seq(v, padded)]).transpose(0, 1, 3, 2, 4)
+  ids = jnp.stack([_pad_seq(segment_ids, padded), _pad_seq(positions, padded)])
+  out = _attention_core(qh, kv, ids, cfg)                       # [B, Hkv, G, S, D]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, padded, hq, d)[:, :s]
 
 
 def _check_shapes(q, k, v, segment_ids, positions):

@@ -1,0 +1,157 @@
+"""Attention tile kernels shared by the ring, the single-device chunked kernel and decoding.
+
+Two families:
+- `partial_attention` / `merge_partials` / `merge_across`: normalised partial softmaxes merged
+  by log-sum-exp (token-major [B, S, Hkv, G, D]); used by decoding over a sharded cache.
+- `tile_forward` / `tile_backward`: the ring's flash-style tiles in a head-major layout
+  (q [B, Hkv, G*cq, D], k/v [B, Hkv, ck, D]) so every score matmul is a plain batched matmul
+  with no transposes around it. The forward keeps an unnormalised running (acc, max, sum); a
+  tile is skipped, computed without any mask, or computed with the mask, as `tile_kind` says.
+
+Masks come from the segment ids and positions of the tokens (any layout: contiguous, zigzag,
+packed); segment id 0 is padding and sees nothing.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from vita_jax.ops.attention import attention_mask
+
+SKIP, FULL, MASKED = 0, 1, 2
+_INT_MAX = jnp.iinfo(jnp.int32).max
+_INT_MIN = jnp.iinfo(jnp.int32).min
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+  """Combine two attentions over disjoint key sets. out [..., D] fp32, lse [...] fp32.
+
+  A row with no visible keys has lse = -inf and out = 0 on either side; the merge keeps that
+  (weights exp(-inf) = 0) instead of producing NaN.
+  """
+  lse = jnp.logaddexp(lse_a, lse_b)
+  safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
+  out = out_a * jnp.exp(lse_a - safe)[..., None] + out_b * jnp.exp(lse_b - safe)[..., None]
+  return out, lse
+
+
+def merge_across(out, lse, axis_name: str):
+  """merge_partials over every shard of mesh axis `axis_name` (inside shard_map): pmax and psum
+  of out-sized arrays, never a gather. out [..., D] fp32, lse [...] fp32; same -inf rules."""
+  top = lax.pmax(lse, axis_name)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  weight = jnp.exp(lse - top)                       # 0 where a shard sees nothing
+  total = lax.psum(weight, axis_name)
+  out = lax.psum(out * weight[..., None], axis_name) / jnp.where(total > 0, total, 1.0)[..., None]
+  lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+  return out, lse
+
+
+def may_attend(q_seg, q_pos, kv_seg, kv_pos, causal: bool):
+  """Scalar bool: False only if no query of the block can see any key of the block.
+
+  Decided from the actual ranges of non-padding segment ids and positions, so it is correct
+  for any token layout (it may say True for a block that is masked after all).
+  """
+  q_valid, kv_valid = q_seg != 0, kv_seg != 0
+  q_lo, q_hi = jnp.min(jnp.where(q_valid, q_seg, _INT_MAX)), jnp.max(q_seg)
+  kv_lo, kv_hi = jnp.min(jnp.where(kv_valid, kv_seg, _INT_MAX)), jnp.max(kv_seg)
+  overlap = (q_lo <= kv_hi) & (kv_lo <= q_hi)
+  if causal:
+    q_pos_hi = jnp.max(jnp.where(q_valid, q_pos, _INT_MIN))
+    kv_pos_lo = jnp.min(jnp.where(kv_valid, kv_pos, _INT_MAX))
+    overlap &= q_pos_hi >= kv_pos_lo
+  return overlap
+
+
+def all_visible(q_seg, q_pos, kv_seg, kv_pos, causal: bool):
+  """Scalar bool: True only if every query of the block sees every key (no mask needed):
+  one non-padding segment on both sides and, if causal, every key at or before every query."""
+  seg = q_seg[:, :1]                                 # [B, 1]: one segment per batch row
+  same = jnp.all(q_seg == seg) & jnp.all(kv_seg == seg) & jnp.all(seg != 0)
+  if causal:
+    same &= jnp.min(q_pos) >= jnp.max(kv_pos)
+  return same
+
+
+def tile_kind(q_seg, q_pos, kv_seg, kv_pos, causal: bool):
+  """int32 scalar: SKIP (nothing visible), FULL (everything visible) or MASKED (the rest)."""
+  kind = jnp.where(all_visible(q_seg, q_pos, kv_seg, kv_pos, causal), FULL, MASKED)
+  return jnp.where(may_attend(q_seg, q_pos, kv_seg, kv_pos, causal), kind, SKIP)
+
+
+def _tile_mask(q_seg, q_pos, kv_seg, kv_pos, causal: bool, groups: int):
+  """bool [B, 1, G*cq, ck] for head-major scores (the G query groups stacked along rows)."""
+  mask = attention_mask(q_seg, q_pos, kv_seg, kv_pos, causal)[:, None]      # [B, 1, cq, ck]
+  return jnp.tile(mask, (1, 1, groups, 1)) if groups > 1 else mask
+
+
+def _tile_mask_t(q_seg, q_pos, kv_seg, kv_pos, causal: bool, groups: int):
+  """The transpose of _tile_mask, bool [B, 1, ck, G*cq], built directly in that order."""
+  mask = (kv_seg[:, :, None] == q_seg[:, None, :]) & (q_seg[:, None, :] != 0)
+  if causal:
+    mask &= q_pos[:, None, :] >= kv_pos[:, :, None]
+  mask = mask[:, None]
+  return jnp.tile(mask, (1, 1, 1, groups)) if groups > 1 else mask
+
+
+def tile_forward(q, k, v, ids, state, *, masked: bool, causal: bool, scale: float, groups: int):
+  """One online-softmax step. q [B,H,M,D] (M = G*cq rows), k/v [B,H,ck,D], ids = (q_seg,
+  q_pos [B,cq], kv_seg, kv_pos [B,ck]), state = (acc [B,H,M,D], max [B,H,M], sum [B,H,M]) fp32,
+  max in scaled units (-inf where nothing was seen yet). masked=False assumes all_visible."""
+  acc, row_max, row_sum = state
+  s = jnp.einsum("bhmd,bhkd->bhmk", q, k, preferred_element_type=jnp.float32)
+  if masked:
+    s = jnp.where(_tile_mask(*ids, causal, groups), s, -jnp.inf)
+  new_max = jnp.maximum(row_max, jnp.max(s, axis=-1) * scale)
+  safe_max = jnp.where(jnp.isneginf(new_max), 0.0, new_max)   # rows that saw nothing
+  p = jnp.exp(s * scale - safe_max[..., None])
+  correction = jnp.exp(row_max - safe_max)
+  row_sum = row_sum * correction + jnp.sum(p, axis=-1)
+  pv = jnp.einsum("bhmk,bhkd->bhmd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return acc * correction[..., None] + pv, new_max, row_sum
+
+
+def tile_backward(q, k_t, v, dout, lse, delta, ids, *, masked: bool, causal: bool,
+                  scale: float, groups: int):
+  """Unscaled gradients of one tile, computed key-major (scores transposed, [B,H,ck,M]) so that
+  every matmul reads its left operand along its last axis (the fast CPU path, no transposes).
+
+  q/dout [B,H,M,D], k_t [B,H,D,ck] (k transposed), v [B,H,ck,D]; lse/delta [B,H,M] fp32 (lse
+  finite: rows with nothing visible carry 0, all their keys are masked). Returns (dq_t [B,H,D,M],
+  dk [B,H,ck,D], dv [B,H,ck,D]) fp32; the true dq and dk are `scale` times these.
+  """
+  s_t = jnp.einsum("bhdk,bhmd->bhkm", k_t, q, preferred_element_type=jnp.float32)
+  p_t = jnp.exp(s_t * scale - lse[:, :, None, :])
+  if masked:
+    p_t = jnp.where(_tile_mask_t(*ids, causal, groups), p_t, 0.0)
+  dp_t = jnp.einsum("bhkd,bhmd->bhkm", v, dout, preferred_element_type=jnp.float32)
+  ds_t = (p_t * (dp_t - delta[:, :, None, :])).astype(q.dtype)
+  dv = jnp.einsum("bhkm,bhmd->bhkd", p_t.astype(dout.dtype), dout,
+                  preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bhkm,bhmd->bhkd", ds_t, q, preferred_element_type=jnp.float32)
+  dq_t = jnp.einsum("bhdk,bhkm->bhdm", k_t, ds_t, preferred_element_type=jnp.float32)
+  return dq_t, dk, dv
+
+
+def partial_attention(q, k, v, q_seg, q_pos, kv_seg, kv_pos, *, causal: bool = True,
+                      scale: float | None = None):
+  """Softmax of q [B,Q,Hq,D] over one key set k/v [B,K,Hkv,D] (no chunking) -> (normalised
+  out fp32 [B,Q,Hkv,G,D], lse fp32 [B,Q,Hkv,G]; -inf where nothing is visible), ready for
+  merge_partials / merge_across."""
+  b, sq, hq, d = q.shape
+  hkv = k.shape[2]
+  scale = d ** -0.5 if scale is None else float(scale)
+  qg = q.reshape(b, sq, hkv, hq // hkv, d)
+  s = jnp.einsum("bqhgd,bkhd->bqhgk", qg, k, preferred_element_type=jnp.float32) * scale
+  mask = attention_mask(q_seg, q_pos, kv_seg, kv_pos, causal)[:, :, None, None, :]
+  s = jnp.where(mask, s, -jnp.inf)
+  row_max = jnp.max(s, axis=-1)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  p = jnp.where(mask, jnp.exp(s - row_max[..., None]), 0.0)
+  denom = jnp.sum(p, axis=-1)
+  out = jnp.einsum("bqhgk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = out / jnp.where(denom == 0, 1.0, denom)[..., None]
+  lse = jnp.where(denom > 0, row_max + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
+  return out, lse
