@@ -24,7 +24,11 @@ train: setup
 test: setup
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15
 
+# The ring-attention baseline (figure 3) is the `ringattention` package; its dependencies are
+# already pinned in requirements.lock, so it is added without letting pip change them.
 bench: setup
+	@$(PY) -c "import importlib.metadata as m; m.version('ringattention')" 2>/dev/null || \
+	  $(PY) -m pip install -q --no-deps ringattention==0.1.2
 	$(PY) -m benchmarks.run $(if $(filter 1,$(QUICK)),--quick,)
 
 lint: setup
