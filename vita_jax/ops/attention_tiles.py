@@ -113,16 +113,17 @@ def tile_forward(q, k, v, ids, state, *, masked: bool, causal: bool, scale: floa
   return acc * correction[..., None] + pv, new_max, row_sum
 
 
-def tile_backward(q, k_t, v, dout, lse, delta, ids, *, masked: bool, causal: bool,
+def tile_backward(q, k, k_t, v, dout, lse, delta, ids, *, masked: bool, causal: bool,
                   scale: float, groups: int):
   """Unscaled gradients of one tile, computed key-major (scores transposed, [B,H,ck,M]) so that
   every matmul reads its left operand along its last axis (the fast CPU path, no transposes).
 
-  q/dout [B,H,M,D], k_t [B,H,D,ck] (k transposed), v [B,H,ck,D]; lse/delta [B,H,M] fp32 (lse
-  finite: rows with nothing visible carry 0, all their keys are masked). Returns (dq_t [B,H,D,M],
-  dk [B,H,ck,D], dv [B,H,ck,D]) fp32; the true dq and dk are `scale` times these.
+  q/dout [B,H,M,D], k/v [B,H,ck,D], k_t [B,H,D,ck] (k transposed, for dq); lse/delta
+  [B,H,M] fp32 (lse finite: rows with nothing visible carry 0, all their keys are masked).
+  Returns (dq_t [B,H,D,M], dk [B,H,ck,D], dv [B,H,ck,D]) fp32; the true dq and dk are `scale`
+  times these.
   """
-  s_t = jnp.einsum("bhdk,bhmd->bhkm", k_t, q, preferred_element_type=jnp.float32)
+  s_t = jnp.einsum("bhkd,bhmd->bhkm", k, q, preferred_element_type=jnp.float32)
   p_t = jnp.exp(s_t * scale - lse[:, :, None, :])
   if masked:
     p_t = jnp.where(_tile_mask_t(*ids, causal, groups), p_t, 0.0)

@@ -112,7 +112,8 @@ def _block_backward(qh, q_ids, dout, lse, delta, kv, kv_ids, grads, cfg: _Config
   k_t = jnp.swapaxes(kv[0], -1, -2)                                # [B, H, D, Sk]
 
   def kv_step(j, grads):
-    kt_j, v_j = _cut(k_t, 3, j, ck), _cut(kv[1], 2, j, ck)
+    k_j, v_j = _cut(kv, 3, j, ck)
+    kt_j = _cut(k_t, 3, j, ck)
     kid_j = _cut(kv_ids, 2, j, ck)
 
     def q_step(i, acc):
@@ -121,8 +122,8 @@ def _block_backward(qh, q_ids, dout, lse, delta, kv, kv_ids, grads, cfg: _Config
       q_i = _rows(qh, i, cq)
 
       def compute(masked, _):
-        return tile(q_i, kt_j, v_j, _rows(dout, i, cq), _rows(lse, i, cq), _rows(delta, i, cq),
-                    ids, masked=masked)
+        rows = [_rows(x, i, cq) for x in (dout, lse, delta)]
+        return tile(q_i, k_j, kt_j, v_j, *rows, ids, masked=masked)
 
       # The branches return contributions (zeros when skipped), so the accumulators stay out
       # of the conditional and are updated in place.
