@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vita_jax.ops.attention import attention, dot_product_attention
+from vita_jax.ops.attention_tiles import FULL, MASKED, SKIP, tile_kind
 from vita_jax.ops.ring_attention import blockwise_attention, may_attend, ring_attention
 from vita_jax.parallel import make_mesh
 from vita_jax.parallel.zigzag import unzigzag, zigzag
@@ -137,6 +138,65 @@ def test_block_skipping_decision():
   assert not may_attend(ids(0, 0), ids(9, 9), ids(1, 1), ids(0, 0), causal=False)
   # padding keys' positions do not keep a block alive
   assert not may_attend(ids(1, 1), ids(0, 1), ids(0, 1), ids(0, 5), causal=True)
+
+
+def test_tile_kind_decision():
+  ids = lambda *rows: jnp.asarray(rows, jnp.int32)
+  one = ids([1, 1])
+  kind = lambda *a, causal=True: int(tile_kind(*a, causal=causal))
+  # keys 0..1 are all before queries 2..3 of the same segment: nothing to mask
+  assert kind(one, ids([2, 3]), one, ids([0, 1])) == FULL
+  assert kind(one, ids([1, 2]), one, ids([0, 1])) == FULL     # a key at the query's position
+  assert kind(one, ids([0, 2]), one, ids([0, 1])) == MASKED   # query 0 cannot see key 1
+  assert kind(one, ids([0, 1]), one, ids([2, 3])) == SKIP
+  assert kind(one, ids([0, 1]), one, ids([2, 3]), causal=False) == FULL
+  # a second segment, or padding, on either side needs the mask
+  assert kind(ids([1, 2]), ids([5, 6]), one, ids([0, 1])) == MASKED
+  assert kind(one, ids([5, 6]), ids([1, 0]), ids([0, 1])) == MASKED
+  assert kind(ids([0, 0]), ids([5, 6]), ids([0, 0]), ids([0, 1])) == SKIP
+  # rows of a batch may hold different segments; every row must be unmasked
+  assert kind(ids([1, 1], [2, 2]), ids([4, 5], [4, 5]), ids([1, 1], [2, 2]),
+              ids([0, 1], [0, 1])) == FULL
+  assert kind(ids([1, 1], [2, 2]), ids([4, 5], [4, 5]), ids([1, 1], [1, 1]),
+              ids([0, 1], [0, 1])) == MASKED
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_unmasked_tiles_match_dense(causal):
+  """One sequence without padding, zigzag over 4 shards, 16-token tiles, GQA (4 query heads per
+  KV head): most tiles take the no-mask path, the rest the masked one; both equal dense."""
+  shards, hkv, chunk = 4, 2, 16
+  seg = jnp.ones((B, S), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  zz = lambda x: zigzag(x, shards)
+  zseg, zpos = zz(seg), zz(pos)
+  # the layout really exercises every kind of tile
+  local = lambda x, r, t: x[:, r * S // shards:(r + 1) * S // shards][:, t * chunk:(t + 1) * chunk]
+  tiles = S // shards // chunk
+  kinds = {int(tile_kind(local(zseg, r, i), local(zpos, r, i), local(zseg, o, j),
+                         local(zpos, o, j), causal))
+           for r in range(shards) for o in range(shards) for i in range(tiles)
+           for j in range(tiles)}
+  assert kinds == ({SKIP, FULL, MASKED} if causal else {FULL})
+  q, k, v, w = random_qkv(hkv=hkv, seed=5)
+  mesh = make_mesh({"seq": shards, "data": -1})
+  out, grads = value_and_grads(lambda q, k, v: ring_attention(
+      q, k, v, zseg, zpos, mesh=mesh, causal=causal, q_chunk=chunk, kv_chunk=chunk),
+      zz(q), zz(k), zz(v), zz(w))
+  ring = unzigzag(out, shards), tuple(unzigzag(g, shards) for g in grads)
+  dense = value_and_grads(lambda q, k, v: dot_product_attention(
+      q, k, v, seg, pos, causal=causal), q, k, v, w)
+  assert_close(ring, dense, 1e-5, 1e-4)
+
+
+def test_blockwise_odd_length_and_unequal_chunks():
+  """Single device, 100 tokens, 24- and 16-token tiles (padded to a common multiple)."""
+  seg, pos = packed_batch(seq_len=100)
+  q, k, v, w = random_qkv(hkv=2, seed=7, seq_len=100)
+  got = value_and_grads(lambda q, k, v: blockwise_attention(
+      q, k, v, seg, pos, q_chunk=24, kv_chunk=16), q, k, v, w)
+  want = value_and_grads(lambda q, k, v: dot_product_attention(q, k, v, seg, pos), q, k, v, w)
+  assert_close(got, want, 1e-5, 1e-4)
 
 
 def test_indivisible_length_is_a_clear_error():
