@@ -17,8 +17,8 @@ sequence), and masked otherwise; decided from the tile's actual segment and posi
 
 Shapes: q [B, S, Hq, D], k/v [B, S, Hkv, D] with Hq a multiple of Hkv (GQA: query heads are
 grouped per KV head, K/V are never repeated); segment_ids/positions int32 [B, S]. Internally
-the layout is head-major: q [B, Hkv, G, S, D], k and v stacked as kv [2, B, Hkv, S, D] (one
-transfer per ring step), ids stacked as [2, B, S] (segment ids, positions).
+the layout is head-major: q [B, Hkv, G, S, D], kv = (k, v) each [B, Hkv, S, D], ids stacked as
+[2, B, S] (segment ids, positions: one transfer per ring step).
 """
 
 from __future__ import annotations
@@ -32,9 +32,19 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from vita_jax.ops.attention_tiles import (FULL, MASKED, SKIP, may_attend,  # noqa: F401
-                                          merge_across, merge_partials, partial_attention,
-                                          tile_backward, tile_forward, tile_kind)
+# merge_* and partial_attention are re-exported: ops/cache_attention.py imports them from here.
+from vita_jax.ops.attention_tiles import (  # noqa: F401
+  FULL,
+  MASKED,
+  SKIP,
+  may_attend,
+  merge_across,
+  merge_partials,
+  partial_attention,
+  tile_backward,
+  tile_forward,
+  tile_kind,
+)
 
 DEFAULT_Q_CHUNK = 512
 DEFAULT_KV_CHUNK = 512
@@ -81,7 +91,7 @@ def _switch(kind, compute, carry):
 
 
 def _block_forward(qh, q_ids, kv, kv_ids, state, cfg: _Config):
-  """Attend the local queries qh [B,H,G,Sq,D] to one K/V block kv [2,B,H,Sk,D]; state =
+  """Attend the local queries qh [B,H,G,Sq,D] to one K/V block kv = (k, v) [B,H,Sk,D]; state =
   (acc [B,H,G,Sq,D], max, sum [B,H,G,Sq]) fp32."""
   cq, ck = cfg.q_chunk, cfg.kv_chunk
   tile = functools.partial(tile_forward, causal=cfg.causal, scale=cfg.scale,
@@ -91,13 +101,13 @@ def _block_forward(qh, q_ids, kv, kv_ids, state, cfg: _Config):
     q_i, qid_i = _rows(qh, i, cq), _cut(q_ids, 2, i, cq)
 
     def kv_step(j, st):
-      k_j, v_j = _cut(kv, 3, j, ck)
+      k_j, v_j = (_cut(x, 2, j, ck) for x in kv)
       kid_j = _cut(kv_ids, 2, j, ck)
       ids = (qid_i[0], qid_i[1], kid_j[0], kid_j[1])
       compute = lambda masked, st: tile(q_i, k_j, v_j, ids, st, masked=masked)
       return _switch(tile_kind(*ids, cfg.causal), compute, st)
 
-    st = _loop(kv.shape[3] // ck, kv_step, tuple(_rows(x, i, cq) for x in state), cfg)
+    st = _loop(kv[0].shape[2] // ck, kv_step, tuple(_rows(x, i, cq) for x in state), cfg)
     return tuple(_put_rows(x, t, i, cq) for x, t in zip(state, st))
 
   return _loop(qh.shape[3] // cq, q_step, state, cfg)
@@ -105,14 +115,14 @@ def _block_forward(qh, q_ids, kv, kv_ids, state, cfg: _Config):
 
 def _block_backward(qh, q_ids, dout, lse, delta, kv, kv_ids, grads, cfg: _Config):
   """Accumulate one (local queries, K/V block) pair into grads = (dq_t [B,H,D,G,Sq],
-  dkv [2,B,H,Sk,D]) fp32, unscaled (see tile_backward)."""
+  (dk, dv) [B,H,Sk,D]) fp32, unscaled (see tile_backward)."""
   cq, ck = cfg.q_chunk, cfg.kv_chunk
   tile = functools.partial(tile_backward, causal=cfg.causal, scale=cfg.scale,
                            groups=qh.shape[2])
   k_t = jnp.swapaxes(kv[0], -1, -2)                                # [B, H, D, Sk]
 
   def kv_step(j, grads):
-    k_j, v_j = _cut(kv, 3, j, ck)
+    k_j, v_j = (_cut(x, 2, j, ck) for x in kv)
     kt_j = _cut(k_t, 3, j, ck)
     kid_j = _cut(kv_ids, 2, j, ck)
 
@@ -138,11 +148,12 @@ def _block_backward(qh, q_ids, dout, lse, delta, kv, kv_ids, grads, cfg: _Config
 
     dq_t, dkv = grads
     zeros = jnp.zeros_like(v_j, jnp.float32)
-    dq_t, dk, dv = _loop(qh.shape[3] // cq, q_step, (dq_t, zeros, zeros), cfg)
-    update = _cut(dkv, 3, j, ck) + jnp.stack([dk, dv])
-    return dq_t, lax.dynamic_update_slice_in_dim(dkv, update, j * ck, axis=3)
+    dq_t, *dkv_j = _loop(qh.shape[3] // cq, q_step, (dq_t, zeros, zeros), cfg)
+    dkv = tuple(lax.dynamic_update_slice_in_dim(acc, _cut(acc, 2, j, ck) + t, j * ck, axis=2)
+                for acc, t in zip(dkv, dkv_j))
+    return dq_t, dkv
 
-  return _loop(kv.shape[3] // ck, kv_step, grads, cfg)
+  return _loop(kv[0].shape[2] // ck, kv_step, grads, cfg)
 
 
 def _rotate(xs, cfg: _Config):
@@ -159,20 +170,20 @@ def _if_visible(q_ids, kv_ids, fn, carry, cfg: _Config):
 
 def _ring(step, kv, kv_ids, carry, cfg: _Config, rotate_carry: bool = False):
   """Run step(kv, kv_ids, carry) on every K/V block of the ring; with rotate_carry the carry's
-  last entry travels with the blocks (and ends back home after a full turn)."""
+  last entry (a tuple of arrays) travels with the blocks (and ends back home after a full turn)."""
   def ring_step(_, state):
     kv, kv_ids, carry = state
-    next_kv = _rotate((kv, kv_ids), cfg)  # issued first so the transfer overlaps the compute
+    *next_kv, next_ids = _rotate((*kv, kv_ids), cfg)  # first: the transfer overlaps the compute
     carry = step(kv, kv_ids, carry)
     if rotate_carry:
-      carry = (*carry[:-1], *_rotate(carry[-1:], cfg))
-    return (*next_kv, carry)
+      carry = (*carry[:-1], _rotate(carry[-1], cfg))
+    return tuple(next_kv), next_ids, carry
 
   if cfg.num_shards > 1:
     kv, kv_ids, carry = lax.fori_loop(0, cfg.num_shards - 1, ring_step, (kv, kv_ids, carry))
   carry = step(kv, kv_ids, carry)
   if rotate_carry and cfg.num_shards > 1:
-    carry = (*carry[:-1], *_rotate(carry[-1:], cfg))
+    carry = (*carry[:-1], _rotate(carry[-1], cfg))
   return carry
 
 
@@ -199,33 +210,31 @@ def _ring_backward(qh, kv, ids, out, lse, dout, cfg: _Config):
   lse = jnp.where(jnp.isneginf(lse), 0.0, lse)   # such rows have every key masked
   b, h, g, sq, d = qh.shape
   grads = (jnp.zeros_like(qh, jnp.float32, shape=(b, h, d, g, sq)),
-           jnp.zeros_like(kv, jnp.float32))
+           tuple(jnp.zeros_like(x, jnp.float32) for x in kv))
 
   def step(kv, kv_ids, grads):
     block = functools.partial(_block_backward, qh, ids, dout, lse, delta, kv, kv_ids, cfg=cfg)
     return _if_visible(ids, kv_ids, block, grads, cfg)
 
-  dq_t, dkv = _ring(step, kv, ids, grads, cfg, rotate_carry=True)
-  dkv = dkv * jnp.asarray([cfg.scale, 1.0], jnp.float32)[:, None, None, None, None]
+  dq_t, (dk, dv) = _ring(step, kv, ids, grads, cfg, rotate_carry=True)
   dq = (dq_t * cfg.scale).transpose(0, 1, 3, 4, 2)                 # [B, H, G, Sq, D]
-  return dq.astype(qh.dtype), dkv.astype(kv.dtype)
+  return dq.astype(qh.dtype), (dk * cfg.scale).astype(kv[0].dtype), dv.astype(kv[1].dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention_core(qh, kv, ids, cfg: _Config):
-  """qh [B,H,G,S,D], kv [2,B,H,S,D], ids [2,B,S] (segment ids, positions) -> out like qh."""
-  return _ring_forward(qh, kv, ids, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_core(qh, k, v, ids, cfg: _Config):
+  """qh [B,H,G,S,D], k/v [B,H,S,D], ids [2,B,S] (segment ids, positions) -> out like qh."""
+  return _ring_forward(qh, (k, v), ids, cfg)[0]
 
 
-def _core_fwd(qh, kv, ids, cfg):
-  out, lse = _ring_forward(qh, kv, ids, cfg)
-  return out, (qh, kv, ids, out, lse)
+def _core_fwd(qh, k, v, ids, cfg):
+  out, lse = _ring_forward(qh, (k, v), ids, cfg)
+  return out, (qh, k, v, ids, out, lse)
 
 
 def _core_bwd(cfg, residuals, dout):
-  qh, kv, ids, out, lse = residuals
-  dq, dkv = _ring_backward(qh, kv, ids, out, lse, dout, cfg)
-  return dq, dkv, None
+  qh, k, v, ids, out, lse = residuals
+  return (*_ring_backward(qh, (k, v), ids, out, lse, dout, cfg), None)
 
 
 _attention_core.defvjp(_core_fwd, _core_bwd)
@@ -248,9 +257,9 @@ def _local_attention(q, k, v, segment_ids, positions, cfg: _Config):
   tiles = (padded // cq) * (padded // ck)
   cfg = cfg._replace(q_chunk=cq, kv_chunk=ck, unroll=tiles <= _UNROLL_TILES)
   qh = _pad_seq(q, padded).reshape(b, padded, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)
-  kv = jnp.stack([_pad_seq(k, padded), _pad_seq(v, padded)]).transpose(0, 1, 3, 2, 4)
+  kh, vh = (_pad_seq(x, padded).transpose(0, 2, 1, 3) for x in (k, v))
   ids = jnp.stack([_pad_seq(segment_ids, padded), _pad_seq(positions, padded)])
-  out = _attention_core(qh, kv, ids, cfg)                       # [B, Hkv, G, S, D]
+  out = _attention_core(qh, kh, vh, ids, cfg)                       # [B, Hkv, G, S, D]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, padded, hq, d)[:, :s]
 
 
