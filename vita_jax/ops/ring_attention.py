@@ -137,8 +137,8 @@ def _block_backward(qh, q_ids, dout, lse, delta, kv, kv_ids, grads, cfg: _Config
 
       # The branches return contributions (zeros when skipped), so the accumulators stay out
       # of the conditional and are updated in place.
-      zeros = (jnp.zeros_like(q_i, jnp.float32, shape=(*q_i.shape[:2], q_i.shape[3],
-                                                        q_i.shape[2])),
+      b, h, m, d = q_i.shape
+      zeros = (jnp.zeros_like(q_i, jnp.float32, shape=(b, h, d, m)),
                jnp.zeros_like(v_j, jnp.float32), jnp.zeros_like(v_j, jnp.float32))
       tq, tk, tv = _switch(tile_kind(*ids, cfg.causal), compute, zeros)
       dq_t, dk, dv = acc
