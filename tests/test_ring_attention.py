@@ -224,7 +224,7 @@ def test_gradient_memory_per_device_scales_with_shards():
   """64K tokens: each of 8 devices holds O(S/8), far below the single-device figure.
 
   The ring keeps ~9 local-block-sized buffers (K/V and dK/dV in flight, dq, out, dout) where a
-  single device keeps ~2 full-length ones, so the ratio is ~0.27 rather than exactly 1/8;
+  single device keeps ~2 full-length ones, so the ratio is ~0.22 rather than exactly 1/8;
   halving the shards doubles the per-device memory.
   """
   single = _grad_memory(blockwise_attention)
