@@ -53,6 +53,11 @@ def _config(size: str, batch: int, seq: int):
   config.train.peak_tflops_per_device = 1.0
   config.data.seq_len = seq
   config.data.global_batch_size = batch
+  # Attention tiles of at most half the sequence, as the README advises for short sequences:
+  # a causal tile that covers the whole sequence can never be skipped (the default 1024-token
+  # tiles are sized for long ones). 8.27 -> 7.87 s per step at 4 x 1024 (same-process A/B).
+  tile = min(int(config.model.attention.q_chunk), max(seq // 2, 1))
+  config.model.attention.q_chunk = config.model.attention.kv_chunk = tile
   return config
 
 
@@ -157,8 +162,10 @@ def run(ctx: Context) -> list[Row]:
   ours_tps, theirs_tps = tokens / median(jax_times), tokens / median(torch_times)
   ours_mfu = model_flops / median(jax_times) / max(jax_peak)
   theirs_mfu = model_flops / median(torch_times) / max(torch_peak)
+  tile = int(config.model.attention.q_chunk)
   loss_note = (f"first-step loss {holder['loss']:.4f} (ours) vs {torch_loss['loss']:.4f} "
-               "(transformers): same weights and batch")
+               f"(transformers): same weights and batch; our attention tiles {tile} (half the "
+               "sequence), transformers' SDPA picks its own blocks")
   shape = f"{size} text, B={batch} x S={seq}, fp32"
   speedup = ours_tps / theirs_tps
   return [
