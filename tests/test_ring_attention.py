@@ -10,8 +10,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vita_jax.ops.attention import attention, dot_product_attention
-from vita_jax.ops.attention_tiles import FULL, MASKED, SKIP, tile_kind
-from vita_jax.ops.ring_attention import blockwise_attention, may_attend, ring_attention
+from vita_jax.ops.attention_tiles import FULL, MASKED, SKIP, may_attend, tile_kind
+from vita_jax.ops.ring_attention import blockwise_attention, ring_attention
 from vita_jax.parallel import make_mesh
 from vita_jax.parallel.zigzag import unzigzag, zigzag
 

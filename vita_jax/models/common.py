@@ -114,7 +114,7 @@ def _swiglu_mlp_fwd(h, gate_kernel, up_kernel, down_kernel):
 
 def _swiglu_mlp_bwd(res, d_out):
   h, gate, up, gate_kernel, up_kernel, down_kernel = res
-  act = jax.nn.silu(gate.astype(jnp.float32)).astype(up.dtype) * up
+  act = swiglu(gate, up)          # the same values the forward fed to the down projection
   d_act = jnp.einsum("bsd,fd->bsf", d_out, down_kernel)
   d_gate, d_up = _swiglu_bwd((gate, up), d_act)
   d_h = (jnp.einsum("bsf,df->bsd", d_gate, gate_kernel) +

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec as P
 
-from vita_jax.ops.ring_attention import merge_across, merge_partials, partial_attention
+from vita_jax.ops.attention_tiles import merge_across, merge_partials, partial_attention
 
 
 def cache_attention(q, k, v, q_seg, q_pos, kv_seg, kv_pos, *, mesh, axis: str = "seq"):

@@ -32,15 +32,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-# merge_* and partial_attention are re-exported: ops/cache_attention.py imports them from here.
-from vita_jax.ops.attention_tiles import (  # noqa: F401
+from vita_jax.ops.attention_tiles import (
   FULL,
   MASKED,
   SKIP,
   may_attend,
-  merge_across,
-  merge_partials,
-  partial_attention,
   tile_backward,
   tile_forward,
   tile_kind,
