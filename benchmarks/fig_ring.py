@@ -86,7 +86,7 @@ def run(ctx: Context) -> list[Row]:
 
   from vita_jax.ops.attention import dot_product_attention
   from vita_jax.ops.ring_attention import blockwise_attention, ring_attention
-  from vita_jax.parallel.zigzag import zigzag_permutation
+  from vita_jax.spec.zigzag import zigzag_permutation
 
   s, b, h, d = seq_len(ctx), 1, 4, 64
   # The package at its default 512-token tiles (the whole local block here). Ours at half a
@@ -122,7 +122,7 @@ def run(ctx: Context) -> list[Row]:
   t_dense = time_call(run_fn(dense, local_args), ctx.repeats)
   t_chunked = time_call(run_fn(chunked, local_args), ctx.repeats)
 
-  from vita_jax.parallel.zigzag import inverse_permutation
+  from vita_jax.spec.zigzag import inverse_permutation
   want = [np.asarray(x) for x in dense(*local_args)]
   unzz = lambda x: np.take(np.asarray(x), inverse_permutation(perm), axis=1)
   err = lambda got, order=unzz: max(float(np.abs(order(a) - w).max()) for a, w in zip(got, want))

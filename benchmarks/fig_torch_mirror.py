@@ -30,7 +30,7 @@ def run(ctx: Context) -> list[Row]:
 
   import vita_jax
   import vita_torch
-  from configs.base import tokens_per_tile
+  from vita_jax.spec.tokens import tokens_per_tile
   size, seq, tiles = shapes(ctx)
   path = write_checkpoint(size, ctx.scratch)
   ours = vita_jax.load_pretrained(path, dtype="float32")

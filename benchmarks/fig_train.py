@@ -3,7 +3,7 @@
 Both sides train the same Qwen2 text model (hidden 512, 8 layers, 8/2 heads, FFN 1408, vocab
 32000) with the same weights (ours saved in the `internvl` layout, renamed into a
 `Qwen2ForCausalLM`), the same batch, fp32 and Adam + grad clipping. Ours is the trainer's own
-jitted step (`train_state.make_train_step`); theirs is a plain PyTorch loop: forward with
+jitted step (`train_step.make_train_step`); theirs is a plain PyTorch loop: forward with
 labels, backward, `clip_grad_norm_`, `AdamW.step`. MFU divides the model FLOPs by the step time
 and by each framework's own 2048^2 fp32 matmul rate measured in the same run.
 """
@@ -66,15 +66,16 @@ def jax_setup(config):
   import jax
   import jax.numpy as jnp
 
-  from vita_jax import optim, train_state
   from vita_jax.parallel.mesh import make_mesh
   from vita_jax.train import build_model
+  from vita_jax.training import optim
+  from vita_jax.training import step as train_step
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
   model = build_model(config, mesh)
-  split, params, frozen = train_state.split_model(model, tuple(config.train.trainable))
+  split, params, frozen = train_step.split_model(model, tuple(config.train.trainable))
   tx, schedule = optim.make_optimizer(params, split.trainable_axes, config.train)
   state = dict(params=params, opt_state=tx.init(params), step=jnp.int32(0))
-  step = jax.jit(train_state.make_train_step(split, tx, schedule, config), donate_argnums=(0,))
+  step = jax.jit(train_step.make_train_step(split, tx, schedule, config), donate_argnums=(0,))
   return model, step, state, frozen
 
 
@@ -113,7 +114,7 @@ def run(ctx: Context) -> list[Row]:
   import jax
   import torch
 
-  from vita_jax import flops as flops_lib
+  from vita_jax.training import flops as flops_lib
   size, batch, seq = shapes(ctx)
   config = _config(size, batch, seq)
   data = text_batch(batch, seq, config.model.llm.vocab_size)

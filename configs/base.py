@@ -1,4 +1,4 @@
-"""Model sizes, special tokens and mesh defaults shared by `vita_jax` and `vita_torch`.
+"""Model sizes and mesh defaults shared by `vita_jax` and `vita_torch`.
 
 Sizes live here once; the stage files (`configs/stage1.py` ... `stage4.py`) combine one of them
 with a stage's training recipe through `stage_config`. Both frameworks read the same
@@ -12,139 +12,41 @@ from __future__ import annotations
 
 import ml_collections
 
+from vita_jax.spec import model as spec_model
+from vita_jax.spec import tokens
+
 SIZES = ("tiny", "small", "14b")
-
-# DESIGN §2: added special tokens, in the order the release adds them to the tokenizer.
-VISUAL_SPECIAL_TOKENS = (
-    "<img>", "</img>", "<IMG_CONTEXT>",
-    "<vid>", "</vid>", "<VID_CONTEXT>",
-    "<patch>", "</patch>", "<PATCH_CONTEXT>",
-    "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
-    "<image>", "<video>",
-)
-CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-# Tokens whose embeddings are replaced by visual features, in this order of preference.
-CONTEXT_TOKENS = ("<IMG_CONTEXT>", "<PATCH_CONTEXT>", "<VID_CONTEXT>")
-
-# Qwen2.5: 151643 byte-level BPE ids, then 22 added specials (151643..151664); the visual
-# tokens follow in VISUAL_SPECIAL_TOKENS order (DESIGN §5).
-_QWEN_FIRST_VISUAL_ID = 151665
-# The demo tokenizer (vita_jax.data.demo) puts ChatML tokens first, then the visual tokens.
-_DEMO_FIRST_VISUAL_ID = len(CHATML_TOKENS)
-
-
-def special_token_ids(first_visual_id: int, eos_id: int, pad_id: int) -> ml_collections.ConfigDict:
-  ids = {tok: first_visual_id + i for i, tok in enumerate(VISUAL_SPECIAL_TOKENS)}
-  return ml_collections.ConfigDict(dict(
-      eos_id=eos_id,
-      pad_id=pad_id,
-      img_start_id=ids["<img>"], img_end_id=ids["</img>"], img_context_id=ids["<IMG_CONTEXT>"],
-      vid_start_id=ids["<vid>"], vid_end_id=ids["</vid>"], vid_context_id=ids["<VID_CONTEXT>"],
-      patch_start_id=ids["<patch>"], patch_end_id=ids["</patch>"],
-      patch_context_id=ids["<PATCH_CONTEXT>"],
-  ))
-
-
-def _vision(image_size, patch_size, hidden, layers, heads, mlp):
-  return ml_collections.ConfigDict(dict(
-      image_size=image_size,          # tile side in pixels
-      patch_size=patch_size,
-      hidden_size=hidden,
-      num_layers=layers,
-      num_heads=heads,
-      mlp_dim=mlp,
-      layer_norm_eps=1e-6,
-      qkv_bias=True,
-      layer_scale_init=0.1,           # InternViT ls1/ls2 init value
-  ))
-
-
-def _llm(vocab, hidden, layers, heads, kv_heads, ffn, *, head_dim=None, tie=False,
-         max_positions=1_048_576):
-  return ml_collections.ConfigDict(dict(
-      vocab_size=vocab,
-      hidden_size=hidden,
-      num_layers=layers,
-      num_heads=heads,
-      num_kv_heads=kv_heads,
-      head_dim=head_dim or hidden // heads,
-      ffn_dim=ffn,
-      rms_norm_eps=1e-6,
-      rope_theta=1e6,
-      qkv_bias=True,
-      tie_embeddings=tie,
-      max_position_embeddings=max_positions,   # longest context (prompts are checked)
-  ))
 
 
 def model_config(size: str = "14b") -> ml_collections.ConfigDict:
-  """The architecture of one size. `14b` is the release (DESIGN §2) exactly."""
+  """The architecture of one size. `14b` is the release exactly (docs/design.md, "Model")."""
   if size == "tiny":
     # CPU demo: 1.45M parameters; 56 px tiles -> 4x4 patches -> 2x2 = 4 tokens per tile.
-    vision = _vision(56, 14, hidden=64, layers=2, heads=4, mlp=256)
-    llm = _llm(vocab=2048, hidden=128, layers=4, heads=4, kv_heads=2, ffn=352,
-               max_positions=65_536)
-    projector_hidden = 128
-    tokens = special_token_ids(_DEMO_FIRST_VISUAL_ID, eos_id=2, pad_id=0)
-    max_tiles = 4
-  elif size == "small":
+    return spec_model.model_config(
+        size=size, vision=spec_model.vision_config(56, 14, hidden=64, layers=2, heads=4, mlp=256),
+        llm=spec_model.llm_config(vocab=2048, hidden=128, layers=4, heads=4, kv_heads=2,
+                                  ffn=352, max_positions=65_536),
+        projector_hidden=128, max_tiles=4,
+        tokens=tokens.special_token_ids(tokens.DEMO_FIRST_VISUAL_ID, eos_id=2, pad_id=0))
+  if size == "small":
     # Benchmarks: the 55M-parameter text shape of the issue tracker plus a small ViT.
-    vision = _vision(224, 14, hidden=256, layers=4, heads=4, mlp=1024)
-    llm = _llm(vocab=32000, hidden=512, layers=8, heads=8, kv_heads=2, ffn=1408,
-               max_positions=131_072)
-    projector_hidden = 512
-    tokens = special_token_ids(_DEMO_FIRST_VISUAL_ID, eos_id=2, pad_id=0)
-    max_tiles = 6
-  elif size == "14b":
-    vision = _vision(448, 14, hidden=1024, layers=24, heads=16, mlp=4096)
-    llm = _llm(vocab=152064, hidden=5120, layers=48, heads=40, kv_heads=8, ffn=13824)
-    projector_hidden = 1024
-    tokens = special_token_ids(_QWEN_FIRST_VISUAL_ID, eos_id=151645, pad_id=151643)
-    max_tiles = 12
-  else:
-    raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
-
-  # The `internvl` layout marks every image token with one id (transformers' image_token_id);
-  # -1 = none. It is replaced by visual features like the three context tokens above.
-  tokens.image_token_id = -1
-
-  return ml_collections.ConfigDict(dict(
-      size=size,
-      layout="long_vita",             # HF layout save_pretrained writes by default
-      vision=vision,
-      llm=llm,
-      downsample_ratio=0.5,           # pixel shuffle: (h/p)^2 patches -> (h/p * r)^2 tokens
-      projector=dict(
-          hidden_size=projector_hidden,
-          bias=False,                 # long_vita: no bias; internvl layout: True
-          pre_norm=True,
-          layer_norm_eps=1e-5,
-      ),
-      tokens=tokens,
-      max_tiles=max_tiles,
-      # Dtypes: fp32 master params, bf16 compute for training; parity runs set float32.
-      param_dtype="float32",
-      compute_dtype="bfloat16",
-      remat="full",                   # none | full | dots  (per decoder layer)
-      scan_layers=True,
-      attention=dict(
-          q_chunk=1024,               # inner query/key block sizes of the attention kernel
-          kv_chunk=1024,
-          impl="jnp",                 # jnp | cudnn | pallas (where available)
-      ),
-  ))
-
-
-def context_token_ids(tokens: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """Ids whose embeddings are replaced by visual features (negative ids are disabled)."""
-  ids = (tokens.img_context_id, tokens.patch_context_id, tokens.vid_context_id,
-         tokens.get("image_token_id", -1))
-  return tuple(sorted({int(i) for i in ids if int(i) >= 0}))
-
-
-def tokens_per_tile(model: ml_collections.ConfigDict) -> int:
-  side = model.vision.image_size // model.vision.patch_size
-  return int(side * model.downsample_ratio) ** 2
+    return spec_model.model_config(
+        size=size,
+        vision=spec_model.vision_config(224, 14, hidden=256, layers=4, heads=4, mlp=1024),
+        llm=spec_model.llm_config(vocab=32000, hidden=512, layers=8, heads=8, kv_heads=2,
+                                  ffn=1408, max_positions=131_072),
+        projector_hidden=512, max_tiles=6,
+        tokens=tokens.special_token_ids(tokens.DEMO_FIRST_VISUAL_ID, eos_id=2, pad_id=0))
+  if size == "14b":
+    return spec_model.model_config(
+        size=size,
+        vision=spec_model.vision_config(448, 14, hidden=1024, layers=24, heads=16, mlp=4096),
+        llm=spec_model.llm_config(vocab=152064, hidden=5120, layers=48, heads=40, kv_heads=8,
+                                  ffn=13824),
+        projector_hidden=1024, max_tiles=12,
+        tokens=tokens.special_token_ids(tokens.QWEN_FIRST_VISUAL_ID, eos_id=tokens.QWEN_EOS_ID,
+                                        pad_id=tokens.QWEN_PAD_ID))
+  raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
 
 
 def mesh_config() -> ml_collections.ConfigDict:
@@ -162,7 +64,7 @@ def parse_size(arg: str | None) -> str:
 
 
 # Per-size overrides of the stage recipes: sequence length, batch and frames that fit the
-# machine the size is meant for. The 14b numbers are the release's (DESIGN §3).
+# machine the size is meant for. The 14b numbers are the release's (docs/design.md#stages).
 _SIZE_SCALE = {
     # tiles: the demo corpus fills ~330 of a worst-case 680 tile slots per 4 x 1024 batch.
     "tiny": dict(seq_len_cap=1024, batch_size=4, max_frames_cap=8, steps=300, tiles=384),

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from configs import base
+from vita_jax.spec import tokens as spec_tokens
 from vita_torch import generate as gen
 from vita_torch import testing
 from vita_torch.io import read_checkpoint, save_long_vita
@@ -27,7 +28,7 @@ def model_dir(tmp_path_factory):
   testing.make_internvl_checkpoint(internvl, seed=3)
   cfg, state = read_checkpoint(internvl)
   cfg.layout = "long_vita"
-  cfg.tokens = base.special_token_ids(base._DEMO_FIRST_VISUAL_ID, eos_id=2, pad_id=0)
+  cfg.tokens = spec_tokens.special_token_ids(spec_tokens.DEMO_FIRST_VISUAL_ID, eos_id=2, pad_id=0)
   cfg.tokens.image_token_id = -1
   save_long_vita(cfg, state, out)
   texts = ["a red square on a blue background", "what colour is the shape?"] * 50
@@ -80,7 +81,7 @@ def test_prompt_layout(model_dir):
   ids, pixels = gen.build_prompt(tok, cfg, "hi", [image])
   assert pixels.shape == (3, 3, 56, 56)                   # NCHW: thumbnail + 2 tiles
   context = torch.isin(ids, torch.tensor([tok.ids["<IMG_CONTEXT>"], tok.ids["<PATCH_CONTEXT>"]]))
-  assert int(context.sum()) == 3 * base.tokens_per_tile(cfg)
+  assert int(context.sum()) == 3 * spec_tokens.tokens_per_tile(cfg)
   assert ids[0, 0] == tok.ids["<|im_start|>"] and tok.decode(ids[0, -2:]).endswith("\n")
 
 

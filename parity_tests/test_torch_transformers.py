@@ -1,6 +1,6 @@
 """vita_torch vs transformers' InternVLForConditionalGeneration on a tiny random checkpoint,
 loaded from both HF layouts: logits (fp32 and bf16, text / 1 / 3 tiles, batch 2), the vision
-features, packing, and greedy generation (DESIGN §6 tolerances)."""
+features, packing, and greedy generation (docs/design.md#precision tolerances)."""
 
 from __future__ import annotations
 

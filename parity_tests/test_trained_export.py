@@ -1,14 +1,15 @@
 """A checkpoint trained by `vita_jax.train`, exported with `vita_jax.convert WORKDIR DIR`, gives
-the same logits in `vita_torch` as the JAX model restored from the workdir (DESIGN §6, fp32)."""
+the same logits in `vita_torch` as the JAX model restored from the workdir
+(docs/design.md#precision, fp32)."""
 
 import numpy as np
 import pytest
 import torch
 
 from configs import stage2
+from vita_jax.checkpoints.workdir import load_model_from_workdir
 from vita_jax.convert import convert
 from vita_jax.train import train
-from vita_jax.workdir import load_model_from_workdir
 
 vita_torch = pytest.importorskip("vita_torch")
 

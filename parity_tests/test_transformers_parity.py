@@ -1,4 +1,5 @@
-"""vita_jax vs transformers' InternVLForConditionalGeneration (Qwen2 text) in fp32 (DESIGN §6).
+"""vita_jax vs transformers' InternVLForConditionalGeneration (Qwen2 text) in fp32
+(docs/design.md#precision).
 
 Tiny random models with odd sizes (heads not a power of two, kv_heads < heads, vocab not a
 multiple of 128, odd head counts in the ViT, 1 and 3 tiles, batch 2), saved with

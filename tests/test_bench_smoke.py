@@ -7,7 +7,7 @@ import numpy as np
 
 from benchmarks import run
 from benchmarks.fig_ring import shard_work
-from vita_jax.parallel.zigzag import zigzag_permutation
+from vita_jax.spec.zigzag import zigzag_permutation
 
 
 def test_lm_head_figure_writes_json_and_table(tmp_path):

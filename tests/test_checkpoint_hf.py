@@ -22,17 +22,20 @@ from safetensors.numpy import load_file, save_file
 
 import vita_jax
 from configs import base
-from vita_jax import checkpoint_hf
+from vita_jax.checkpoints import hf as checkpoint_hf
 from vita_jax.convert import main as convert_main
 from vita_jax.models.vlm import LongVITA
+from vita_jax.spec import model as spec_model
+from vita_jax.spec import tokens as spec_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config(tie=False, projector_bias=False):
   cfg = base.model_config("tiny")
-  cfg.vision = base._vision(28, 7, hidden=16, layers=2, heads=2, mlp=32)
-  cfg.llm = base._llm(vocab=97, hidden=24, layers=2, heads=3, kv_heads=1, ffn=40, tie=tie)
+  cfg.vision = spec_model.vision_config(28, 7, hidden=16, layers=2, heads=2, mlp=32)
+  cfg.llm = spec_model.llm_config(vocab=97, hidden=24, layers=2, heads=3, kv_heads=1, ffn=40,
+                                  tie=tie)
   cfg.projector.hidden_size = 24
   cfg.projector.bias = projector_bias
   cfg.compute_dtype = "float32"
@@ -198,7 +201,7 @@ def test_model_config_from_hf_reads_the_release_config():
     assert cfg.vision[k] == want.vision[k], k
   assert cfg.projector.hidden_size == 1024 and not cfg.projector.bias
   assert cfg.tokens.img_context_id == 151667 and cfg.tokens.image_token_id == -1
-  assert base.tokens_per_tile(cfg) == 256
+  assert spec_tokens.tokens_per_tile(cfg) == 256
 
 
 def test_convert_cli_both_ways_keeps_logits(model, model_logits, tmp_path):

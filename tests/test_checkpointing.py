@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vita_jax.checkpointing import Checkpointer, RestoreError
-from vita_jax.metrics import MetricsWriter, read_metrics
+from vita_jax.checkpoints.run import Checkpointer, RestoreError
+from vita_jax.training.metrics import MetricsWriter, read_metrics
 
 
 def _state(v):

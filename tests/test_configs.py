@@ -1,4 +1,5 @@
-"""Every stage x every size loads; 14b matches DESIGN §2-§3; bad overrides fail clearly."""
+"""Every stage x every size loads; 14b matches the release (docs/design.md#model, #stages);
+bad overrides fail clearly."""
 
 import subprocess
 import sys
@@ -6,8 +7,9 @@ import sys
 import pytest
 
 from configs import base, stage1, stage2, stage3, stage4
-from vita_jax import config as config_lib
-from vita_jax.parallel.mesh import ConfigError
+from vita_jax.errors import ConfigError
+from vita_jax.spec import tokens as spec_tokens
+from vita_jax.training import validation
 
 STAGES = {1: stage1, 2: stage2, 3: stage3, 4: stage4}
 
@@ -18,7 +20,7 @@ def test_every_stage_and_size_loads_and_validates(stage, size):
   config = STAGES[stage].get_config(size) if size else STAGES[stage].get_config()
   assert config.stage == stage
   assert config.model.size == (size or "14b")
-  config_lib.validate(config, num_devices=1)
+  validation.validate(config, num_devices=1)
   assert config.data.reset_positions == (stage <= 2)
 
 
@@ -27,7 +29,7 @@ def test_14b_release_values():
   assert (m.vision.image_size, m.vision.patch_size, m.vision.hidden_size) == (448, 14, 1024)
   assert (m.vision.num_layers, m.vision.num_heads, m.vision.mlp_dim) == (24, 16, 4096)
   assert m.vision.layer_norm_eps == 1e-6 and m.vision.qkv_bias
-  assert m.downsample_ratio == 0.5 and base.tokens_per_tile(m) == 256
+  assert m.downsample_ratio == 0.5 and spec_tokens.tokens_per_tile(m) == 256
   assert (m.projector.hidden_size, m.projector.bias) == (1024, False)
   t = m.llm
   assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads) == (5120, 48, 40, 8)
@@ -76,7 +78,7 @@ def test_mesh_validation_messages(override, message):
   config = stage2.get_config("tiny")
   config.mesh.update(override)
   with pytest.raises(ConfigError, match=message):
-    config_lib.validate(config, num_devices=8)
+    validation.validate(config, num_devices=8)
 
 
 def test_seq_len_must_split_into_zigzag_chunks():
@@ -85,14 +87,14 @@ def test_seq_len_must_split_into_zigzag_chunks():
   config.mesh.update(data=1, seq=8)
   with pytest.raises(ConfigError, match=r"seq_len 1000 is not divisible by 2\*seq_shards=16 "
                      r"\(.*\); use 1008"):
-    config_lib.validate(config, num_devices=8)
+    validation.validate(config, num_devices=8)
 
 
 def test_batch_must_divide_over_data_axes():
   config = stage2.get_config("tiny")
   config.data.global_batch_size = 6
   with pytest.raises(ConfigError, match="does not divide over data\\*fsdp=8"):
-    config_lib.validate(config, num_devices=8)
+    validation.validate(config, num_devices=8)
 
 
 def _run_cli(*args):

@@ -11,10 +11,10 @@ import pytest
 
 from configs import stage2, stage3
 from vita_jax.data import demo, pipeline
-from vita_jax.data.inspect import format_report, inspect_data, render
+from vita_jax.data.check import format_report, inspect_data, render
 from vita_jax.data.packing import IGNORE, DataError, PackIterDataset
 from vita_jax.data.tokenizer import load_tokenizer
-from vita_jax.parallel.mesh import ConfigError
+from vita_jax.errors import ConfigError
 
 
 @pytest.fixture(scope="session")
@@ -191,7 +191,7 @@ def test_processes_read_disjoint_rows(demo_root):
 
 
 def test_zigzag_applied_for_seq_shards(demo_root):
-  zigzag = pytest.importorskip("vita_jax.parallel.zigzag")
+  zigzag = pytest.importorskip("vita_jax.spec.zigzag")
   config = tiny(demo_root, global_batch_size=2, seq_len=256)
   plain = next(pipeline.make_train_iterator(config))
   zz = next(pipeline.make_train_iterator(config, seq_shards=2))

@@ -1,4 +1,4 @@
-"""Tokenizer ids, ChatML, the visual token layout of DESIGN §2 and the loss mask."""
+"""Tokenizer ids, ChatML, the visual token layout of docs/design.md#model and the loss mask."""
 
 import json
 import pathlib
@@ -15,6 +15,7 @@ from vita_jax.data.conversation import (
   truncate_at_turn,
 )
 from vita_jax.data.tokenizer import load_tokenizer
+from vita_jax.spec import tokens as spec_tokens
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QWEN_DIR = REPO.parent / "shared/data/qwen2.5-tokenizer"
@@ -36,8 +37,8 @@ def ids_of(tok, tokens):
 
 def test_demo_tokenizer_ids_match_tiny_config(tok):
   cfg = base.model_config("tiny")
-  assert [tok.ids[t] for t in base.CHATML_TOKENS] == [0, 1, 2]
-  assert [tok.ids[t] for t in base.VISUAL_SPECIAL_TOKENS] == list(range(3, 20))
+  assert [tok.ids[t] for t in spec_tokens.CHATML_TOKENS] == [0, 1, 2]
+  assert [tok.ids[t] for t in spec_tokens.VISUAL_SPECIAL_TOKENS] == list(range(3, 20))
   assert tok.vocab_size <= cfg.llm.vocab_size
   assert (cfg.tokens.img_context_id, cfg.tokens.vid_context_id,
           cfg.tokens.patch_context_id) == (5, 8, 11)
@@ -56,8 +57,8 @@ def test_demo_tokenizer_loads_with_transformers(demo_root):
 def test_qwen_tokenizer_ids():
   tok = load_tokenizer(str(QWEN_DIR))
   assert (tok.pad_id, tok.ids["<|im_start|>"], tok.eos_id) == (151643, 151644, 151645)
-  expected = {t: 151665 + i for i, t in enumerate(base.VISUAL_SPECIAL_TOKENS)}
-  assert {t: tok.ids[t] for t in base.VISUAL_SPECIAL_TOKENS} == expected
+  expected = {t: 151665 + i for i, t in enumerate(spec_tokens.VISUAL_SPECIAL_TOKENS)}
+  assert {t: tok.ids[t] for t in spec_tokens.VISUAL_SPECIAL_TOKENS} == expected
   cfg = base.model_config("14b").tokens
   assert (cfg.img_start_id, cfg.img_context_id, cfg.patch_context_id) == (151665, 151667, 151673)
   assert tok.newline_id == 198

@@ -9,6 +9,7 @@ from flax import nnx
 from configs import base
 from vita_jax import generate as gen
 from vita_jax.models.vlm import LongVITA
+from vita_jax.spec import tokens as spec_tokens
 
 NEW = 8
 
@@ -27,7 +28,7 @@ def _prompt(model, seed=0, text=21, tiles=3):
   t = model.config.tokens
   rng = np.random.default_rng(seed)
   words = lambda n: list(rng.integers(30, 2000, size=n))
-  tpt = base.tokens_per_tile(model.config)
+  tpt = spec_tokens.tokens_per_tile(model.config)
   ids = words(text // 2) + [t.img_start_id] + [t.img_context_id] * tpt + [t.img_end_id]
   for _ in range(tiles - 1):
     ids += [t.vid_start_id] + [t.vid_context_id] * tpt + [t.vid_end_id]

@@ -17,12 +17,13 @@ from vita_jax.models.projector import pixel_shuffle
 from vita_jax.models.vlm import LongVITA, merge_visual_features
 from vita_jax.parallel.mesh import make_mesh
 from vita_jax.parallel.sharding import shard_state
+from vita_jax.spec import model as spec_model
 
 
 def small_config(**overrides):
   cfg = base.model_config("tiny")
-  cfg.vision = base._vision(28, 7, hidden=16, layers=2, heads=2, mlp=32)
-  cfg.llm = base._llm(vocab=97, hidden=24, layers=2, heads=3, kv_heads=1, ffn=40)
+  cfg.vision = spec_model.vision_config(28, 7, hidden=16, layers=2, heads=2, mlp=32)
+  cfg.llm = spec_model.llm_config(vocab=97, hidden=24, layers=2, heads=3, kv_heads=1, ffn=40)
   cfg.projector.hidden_size = 24
   cfg.compute_dtype = "float32"
   cfg.remat = "none"

@@ -11,15 +11,18 @@ from vita_jax.data.pipeline import add_context_index
 from vita_jax.models import vlm
 from vita_jax.ops.lm_head import chunked_cross_entropy
 from vita_jax.parallel import make_mesh, shard_state
-from vita_jax.parallel.zigzag import unzigzag, zigzag_batch
+from vita_jax.spec import model as spec_model
+from vita_jax.spec import tokens as spec_tokens
+from vita_jax.spec.zigzag import unzigzag, zigzag_batch
 
 SEQ = 64
 
 
 def tiny_config():
   cfg = base.model_config("tiny")
-  cfg.vision = base._vision(28, 7, hidden=16, layers=1, heads=2, mlp=32)  # 4 tokens per tile
-  cfg.llm = base._llm(vocab=97, hidden=32, layers=1, heads=4, kv_heads=2, ffn=48)
+  # 4 tokens per tile
+  cfg.vision = spec_model.vision_config(28, 7, hidden=16, layers=1, heads=2, mlp=32)
+  cfg.llm = spec_model.llm_config(vocab=97, hidden=32, layers=1, heads=4, kv_heads=2, ffn=48)
   cfg.projector.hidden_size = 32
   cfg.compute_dtype = "float32"
   cfg.remat = "none"
@@ -93,7 +96,7 @@ def test_zigzag_with_images_keeps_features_on_their_tokens():
   without it, in-order assignment would give the reordered tokens the wrong features."""
   cfg = tiny_config()
   batch = add_context_index(packed_batch(cfg, with_images=True),
-                            base.context_token_ids(cfg.tokens))
+                            spec_tokens.context_token_ids(cfg.tokens))
   ref_logits, _ = run(vlm.LongVITA(cfg, rngs=nnx.Rngs(0)), batch)
   model = vlm.LongVITA(cfg, rngs=nnx.Rngs(0), mesh=make_mesh({"data": 2, "seq": 4}))
   zz = zigzag_batch(batch, 4)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from configs import stage2
-from vita_jax import optim, train_state
 from vita_jax.train import build_model
+from vita_jax.training import optim
+from vita_jax.training import step as train_step
 
 
 def test_schedule_warms_up_then_decays_to_min():
@@ -24,7 +25,7 @@ def test_schedule_warms_up_then_decays_to_min():
 
 def test_vit_lr_multiplier_and_layer_decay_follow_depth():
   config = stage2.get_config("tiny")
-  split, params, _ = train_state.split_model(build_model(config, None), ("vision", "projector",
+  split, params, _ = train_step.split_model(build_model(config, None), ("vision", "projector",
                                                                          "llm"))
   mult = optim.lr_multipliers(params, split.trainable_axes, config.train)
   depth = config.model.vision.num_layers

@@ -16,10 +16,12 @@ import pytest
 from flax import nnx
 
 from configs import base
-from vita_jax import memory_model, plan, train_state
+from vita_jax import plan
 from vita_jax.cli import load_config_file
 from vita_jax.models.vlm import LongVITA
 from vita_jax.parallel.mesh import make_mesh
+from vita_jax.training import memory_model
+from vita_jax.training import step as train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,10 +53,10 @@ def test_local_param_bytes_match_the_real_shardings():
   shape = dict(data=1, fsdp=2, seq=2, tensor=2)
   mesh = make_mesh(shape)
   model = nnx.eval_shape(lambda: LongVITA(config.model, rngs=nnx.Rngs(0), mesh=mesh))
-  split, params, frozen = train_state.split_model(model, tuple(config.train.trainable))
+  split, params, frozen = train_step.split_model(model, tuple(config.train.trainable))
   real = 0
   for tree, axes in ((params, split.trainable_axes), (frozen, split.frozen_axes)):
-    shardings = train_state.shardings_like(tree, axes, mesh)
+    shardings = train_step.shardings_like(tree, axes, mesh)
     for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
       real += math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
   est = memory_model.estimate(config, shape)

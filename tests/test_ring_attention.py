@@ -13,7 +13,7 @@ from vita_jax.ops.attention import attention, dot_product_attention
 from vita_jax.ops.attention_tiles import FULL, MASKED, SKIP, may_attend, tile_kind
 from vita_jax.ops.ring_attention import blockwise_attention, ring_attention
 from vita_jax.parallel import make_mesh
-from vita_jax.parallel.zigzag import unzigzag, zigzag
+from vita_jax.spec.zigzag import unzigzag, zigzag
 
 B, S, HQ, D = 2, 256, 8, 16
 

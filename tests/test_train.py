@@ -10,11 +10,12 @@ import optax
 import pytest
 
 from configs import stage1, stage2, stage3, stage4
-from vita_jax import optim, train_state
-from vita_jax.metrics import read_metrics
+from vita_jax.checkpoints.workdir import assign_params
 from vita_jax.parallel.mesh import make_mesh
 from vita_jax.train import build_model, train
-from vita_jax.workdir import assign_params
+from vita_jax.training import optim
+from vita_jax.training import step as train_step
+from vita_jax.training.metrics import read_metrics
 
 
 def _small(config, steps=2, seq_len=256, batch=2):
@@ -73,12 +74,12 @@ def _one_step(config, batches, sgd=False):
   """One train step; with `sgd` the update is exactly -gradient (lr 1), to compare gradients."""
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
   model = build_model(config, mesh)
-  split, params, frozen = train_state.split_model(model, tuple(config.train.trainable))
+  split, params, frozen = train_step.split_model(model, tuple(config.train.trainable))
   tx, schedule = optim.make_optimizer(params, split.trainable_axes, config.train)
   if sgd:
     tx = optax.apply_if_finite(optax.sgd(1.0), 5)
   state = dict(params=params, opt_state=tx.init(params), step=jnp.int32(3))
-  step = jax.jit(train_state.make_train_step(split, tx, schedule, config))
+  step = jax.jit(train_step.make_train_step(split, tx, schedule, config))
   return params, frozen, *step(state, frozen, batches)
 
 
@@ -120,14 +121,14 @@ def test_nonfinite_gradient_step_is_skipped():
   batches = _synthetic_batches(1, 2, 64, config.model.llm.vocab_size)
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
   model = build_model(config, mesh)
-  split, params, frozen = train_state.split_model(model, tuple(config.train.trainable))
+  split, params, frozen = train_step.split_model(model, tuple(config.train.trainable))
   # Poison one trainable weight with a NaN: the loss is NaN, the update must be skipped.
   key = sorted(train_state_flat(params))[0]
   poisoned = jax.tree.map(lambda x: x, params)
   _set(poisoned, key, np.full_like(_get(params, key), np.nan))
   tx, schedule = optim.make_optimizer(params, split.trainable_axes, config.train)
   state = dict(params=poisoned, opt_state=tx.init(params), step=jnp.int32(3))
-  step = jax.jit(train_state.make_train_step(split, tx, schedule, config))
+  step = jax.jit(train_step.make_train_step(split, tx, schedule, config))
   new_state, metrics = step(state, frozen, batches)
   assert not np.isfinite(metrics["loss"])
   assert int(metrics["nonfinite_consecutive"]) == 1 and int(metrics["nonfinite_total"]) == 1

@@ -1,5 +1,5 @@
 """Kill -9 in the middle of a run, restart the same command: the loss sequence in
-metrics.jsonl is bitwise identical to an uninterrupted run (DESIGN §6)."""
+metrics.jsonl is bitwise identical to an uninterrupted run (docs/design.md#precision)."""
 
 import json
 import os

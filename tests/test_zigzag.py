@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vita_jax.parallel.mesh import ConfigError
-from vita_jax.parallel.zigzag import (
+from vita_jax.errors import ConfigError
+from vita_jax.spec.zigzag import (
   inverse_permutation,
   unzigzag,
   zigzag,

@@ -22,11 +22,11 @@ if _CPU_ORDER_FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 def load_pretrained(path, dtype="float32", **kwargs):
   """Load a Hugging Face directory (`long_vita` or `internvl` layout) as a Flax model."""
-  from vita_jax.checkpoint_hf import load_pretrained as _load
+  from vita_jax.checkpoints.hf import load_pretrained as _load
   return _load(path, dtype=dtype, **kwargs)
 
 
 def save_pretrained(model, path, layout="long_vita", **kwargs):
   """Write `model` as a Hugging Face directory in `layout` (`long_vita` or `internvl`)."""
-  from vita_jax.checkpoint_hf import save_pretrained as _save
+  from vita_jax.checkpoints.hf import save_pretrained as _save
   return _save(model, path, layout=layout, **kwargs)

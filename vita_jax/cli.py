@@ -18,7 +18,7 @@ import ml_collections
 from absl import app
 from ml_collections import config_flags
 
-from vita_jax.parallel.mesh import ConfigError
+from vita_jax.errors import ConfigError
 
 
 def define_config_flag(name: str = "config", required: bool = True):

@@ -19,7 +19,7 @@ import sys
 
 
 def _stored_dtype(src: str, layout: str) -> str:
-  from vita_jax.checkpoint_hf import SafetensorsDir
+  from vita_jax.checkpoints.hf import SafetensorsDir
   tensors = SafetensorsDir(src, layout)
   key = next(iter(tensors))
   return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(tensors.dtype(key),
@@ -42,14 +42,14 @@ def _copy_tokenizer(tokenizer_dir: str, dst: str) -> None:
 def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = None,
             max_shard_bytes: int = 4 << 30) -> str:
   """Read SRC (either layout) and write DST in `layout`; returns the layout written."""
-  from vita_jax.checkpoint_hf import (
+  from vita_jax.checkpoints.hf import (
     LAYOUTS,
     detect_layout,
     load_pretrained,
     read_hf_config,
     save_pretrained,
   )
-  from vita_jax.workdir import is_workdir, load_model_from_workdir
+  from vita_jax.checkpoints.workdir import is_workdir, load_model_from_workdir
   if os.path.abspath(src) == os.path.abspath(dst):
     raise ValueError(f"SRC and DST are the same directory ({src}); write to a new directory")
   if is_workdir(src):

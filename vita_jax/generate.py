@@ -1,4 +1,5 @@
-"""Generation: context-parallel prefill and a KV cache that stays sharded (DESIGN §5).
+"""Generation: context-parallel prefill and a KV cache that stays sharded
+(docs/design.md#contracts).
 
     tokens = generate(model, input_ids, pixel_values, max_new_tokens=32, seq_shards=8)
 
@@ -17,9 +18,9 @@ token when streaming).
 The vision tower runs over the tiles/frames in fixed-size chunks with the frames of a chunk
 spread over all devices of the mesh.
 
-Where things live: the jitted prefill and decode steps in vita_jax.decoding, the sharded-cache
-attention in vita_jax.ops.cache_attention, the prompt builder in vita_jax.data.prompt and the
-command line in vita_jax.generate_cli (`python -m vita_jax.generate` runs it).
+Where things live: the jitted prefill and decode steps in vita_jax.models.decoding, the
+sharded-cache attention in vita_jax.ops.cache_attention, the prompt builder in
+vita_jax.data.prompt and the command line at the end of this file.
 
 CLI (streams the answer; reports prompt tokens, prefill time and decode speed):
 
@@ -40,12 +41,13 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vita_jax import decoding
-from vita_jax.data.context import check_visual_tokens, context_index
-from vita_jax.decoding import Cache, Decoding, Sampling, sample
-from vita_jax.parallel.mesh import ConfigError, make_mesh
+from vita_jax.errors import ConfigError
+from vita_jax.models import decoding
+from vita_jax.models.decoding import Cache, Decoding, Sampling, sample
+from vita_jax.parallel.mesh import make_mesh
 from vita_jax.parallel.sharding import logical_to_spec, shard_state
-from vita_jax.parallel.zigzag import inverse_permutation, zigzag_permutation
+from vita_jax.spec.tokens import check_visual_tokens, context_index
+from vita_jax.spec.zigzag import inverse_permutation, zigzag_permutation
 
 __all__ = ["Cache", "ConfigError", "Decoding", "Sampling", "bucket_length", "build_prompt",
            "generate", "load_for_inference", "max_length_of", "prefill", "sample",
@@ -240,7 +242,7 @@ def load_for_inference(path: str, *, tokenizer: str = "", dtype: str | None = No
   """(model, tokenizer) from a training workdir (config.json + checkpoints/) or an HF dir."""
   import os
 
-  from vita_jax import workdir as workdir_lib
+  from vita_jax.checkpoints import workdir as workdir_lib
   from vita_jax.data.tokenizer import load_tokenizer
   if workdir_lib.is_workdir(path):
     model, config = workdir_lib.load_model_from_workdir(path, dtype=dtype)
@@ -269,10 +271,60 @@ def build_prompt(model, tok, prompt: str, images=(), video: str = "", max_frames
                        frames)
 
 
-if __name__ == "__main__":
-  from absl import flags
+# The command line: python -m vita_jax.generate --model=DIR --prompt=... [--image=F] [--video=F]
 
-  from vita_jax import cli, generate_cli
-  generate_cli.define_flags()
-  flags.adopt_module_key_flags(generate_cli)    # so --help lists them
-  cli.run(generate_cli.main)
+
+def main(argv):
+  import sys
+  import time
+
+  from absl import flags, logging
+  logging.set_verbosity(logging.WARNING)     # orbax/absl INFO lines would bury the answer
+  f = flags.FLAGS
+  model, tok = load_for_inference(f.model, tokenizer=f.tokenizer, dtype=f.dtype)
+  ids, pixels = build_prompt(model, tok, f.prompt, f.image or (), f.video, f.max_frames)
+  eos = int(model.config.tokens.eos_id)
+  got, stamps, shown = [], [], [""]
+
+  def on_token(_, tokens):
+    stamps.append(time.perf_counter())
+    got.append(int(tokens[0]))
+    text = tok.decode([t for t in got if t != eos], skip_special_tokens=True)
+    sys.stdout.write(text[len(shown[0]):])
+    sys.stdout.flush()
+    shown[0] = text
+
+  timings: dict = {}
+  generate(model, ids, pixels, max_new_tokens=f.max_new_tokens, seq_shards=f.seq_shards,
+           temperature=f.temperature, top_p=f.top_p, top_k=f.top_k, eos_id=eos, seed=f.seed,
+           on_token=on_token, timings=timings)
+  # The first decode step includes its compilation: the rate is over the steps after it.
+  rate = (f"decode {(len(stamps) - 2) / (stamps[-1] - stamps[1]):.1f} tokens/s"
+          if len(stamps) > 2 else "too few tokens to time decode")
+  tiles = 0 if pixels is None else len(pixels)
+  print(f"\n[prompt {timings['prompt_tokens']} tokens ({tiles} tiles/frames, bucket "
+        f"{timings['bucket']}, seq_shards={f.seq_shards}) | prefill {timings['prefill_s']:.2f} s "
+        f"(incl. compile) | {len(got)} new tokens, {rate}]", flush=True)
+
+
+def define_flags():
+  from absl import flags
+  flags.DEFINE_string("model", None, "training workdir or Hugging Face directory", required=True)
+  flags.DEFINE_string("prompt", None, "the user's question", required=True)
+  flags.DEFINE_multi_string("image", [], "image file(s), in order")
+  flags.DEFINE_string("video", "", "video file or directory of frames")
+  flags.DEFINE_integer("max_frames", 64, "at most this many video frames (1 fps)")
+  flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most")
+  flags.DEFINE_integer("seq_shards", 1, "devices the prompt (and its KV cache) is sharded over")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+  flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
+  flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)")
+  flags.DEFINE_integer("seed", 0, "sampling seed")
+  flags.DEFINE_string("tokenizer", "", "tokenizer directory (default: the model's)")
+  flags.DEFINE_string("dtype", None, "compute dtype override, e.g. float32")
+
+
+if __name__ == "__main__":
+  from vita_jax import cli
+  define_flags()
+  cli.run(main)

@@ -22,9 +22,10 @@ from collections.abc import Iterator
 import ml_collections
 from absl import flags
 
-from vita_jax import cli, memory_model
-from vita_jax import config as config_lib
-from vita_jax.parallel.mesh import MESH_AXES, ConfigError, resolve_mesh_shape
+from vita_jax import cli
+from vita_jax.errors import ConfigError
+from vita_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
+from vita_jax.training import memory_model, validation
 
 GIB = 1024 ** 3
 # name: (HBM GiB per device, dense bf16 peak TFLOP/s per device)
@@ -74,7 +75,7 @@ def with_mesh(config: ml_collections.ConfigDict, shape: dict[str, int]):
 
 def is_valid(config, shape: dict[str, int]) -> bool:
   try:
-    config_lib.validate(with_mesh(config, shape), math.prod(shape.values()))
+    validation.validate(with_mesh(config, shape), math.prod(shape.values()))
   except ConfigError:
     return False
   return True
@@ -119,7 +120,7 @@ def smallest_fitting_mesh(config, hbm_bytes: float, start: int, limit: int):
 
 
 def step_flops(config) -> float:
-  from vita_jax import flops
+  from vita_jax.training import flops
   data = config.data
   return flops.train_flops_per_step(
       config.model, batch=data.global_batch_size, seq_len=data.seq_len,
@@ -178,7 +179,7 @@ def plan(config, *, devices: int | None, mesh_text: str, hbm_gb: float,
   if mesh_text:
     shape = resolve_mesh_shape(parse_mesh(mesh_text), devices or math.prod(
         s for s in parse_mesh(mesh_text).values() if s > 0))
-    config_lib.validate(with_mesh(config, shape), math.prod(shape.values()))
+    validation.validate(with_mesh(config, shape), math.prod(shape.values()))
     est, fits = memory_model.estimate(config, shape), None
     fits = est.peak <= hbm
   elif devices:
@@ -214,10 +215,11 @@ def compiled_memory(config, shape: dict[str, int]) -> dict[str, int]:
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from vita_jax import optim, train_state
   from vita_jax.models.vlm import LongVITA
   from vita_jax.parallel.mesh import make_mesh
   from vita_jax.parallel.sharding import logical_to_spec
+  from vita_jax.training import optim
+  from vita_jax.training import step as train_step
 
   n = math.prod(shape.values())
   if n > jax.device_count():
@@ -225,11 +227,11 @@ def compiled_memory(config, shape: dict[str, int]) -> dict[str, int]:
                       "choose a smaller --mesh (tests use 8 fake CPU devices)")
   mesh = make_mesh(shape, jax.devices()[:n])
   model = nnx.eval_shape(lambda: LongVITA(config.model, rngs=nnx.Rngs(0), mesh=mesh))
-  split, params, frozen = train_state.split_model(model, tuple(config.train.trainable))
+  split, params, frozen = train_step.split_model(model, tuple(config.train.trainable))
   tx, schedule = optim.make_optimizer(params, split.trainable_axes, config.train)
 
   def placed(tree, axes):
-    shardings = train_state.shardings_like(tree, axes, mesh)
+    shardings = train_step.shardings_like(tree, axes, mesh)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
 
@@ -254,7 +256,7 @@ def compiled_memory(config, shape: dict[str, int]) -> dict[str, int]:
   pixels = NamedSharding(mesh, logical_to_spec((None, "batch", None, None, None), mesh,
                                                pixel_shape))   # as train.py feeds them
   batch["pixel_values"] = jax.ShapeDtypeStruct(pixel_shape, jax.numpy.float32, sharding=pixels)
-  step = jax.jit(train_state.make_train_step(split, tx, schedule, config), donate_argnums=(0,),
+  step = jax.jit(train_step.make_train_step(split, tx, schedule, config), donate_argnums=(0,),
                  out_shardings=(state_sh, None))
   analysis = step.lower(state, frozen, batch).compile().memory_analysis()
   out = {k: int(getattr(analysis, f"{k}_size_in_bytes"))
@@ -269,7 +271,7 @@ def check_report(config, mesh_text: str) -> str:
   shape = resolve_mesh_shape(parse_mesh(mesh_text or "data:-1"), jax.device_count()) \
       if "-1" in (mesh_text or "-1") else resolve_mesh_shape(
           parse_mesh(mesh_text), math.prod(parse_mesh(mesh_text).values()))
-  config_lib.validate(with_mesh(config, shape), math.prod(shape.values()))
+  validation.validate(with_mesh(config, shape), math.prod(shape.values()))
   est = memory_model.estimate(config, shape)
   xla = compiled_memory(with_mesh(config, shape), shape)
   mib = 1024 ** 2

@@ -22,12 +22,13 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from configs.base import tokens_per_tile
 from vita_jax import cli
-from vita_jax import config as config_lib
-from vita_jax.batching import DataShard, global_batch, stack_micro_batches
-from vita_jax.checkpointing import Checkpointer, RestoreError
-from vita_jax.parallel.mesh import ConfigError, make_mesh
+from vita_jax.checkpoints.run import Checkpointer, RestoreError
+from vita_jax.errors import ConfigError
+from vita_jax.parallel.mesh import make_mesh
+from vita_jax.spec.tokens import tokens_per_tile
+from vita_jax.training import validation
+from vita_jax.training.batching import DataShard, global_batch, stack_micro_batches
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, metrics.jsonl, "
@@ -86,8 +87,8 @@ def load_initial_weights(config, model) -> None:
   `init_from` is a previous stage's workdir or an HF directory (either layout) and must cover
   every parameter; the stage-1 sources cover only the LLM or the vision tower.
   """
-  from vita_jax import workdir as wd
-  from vita_jax.init_sources import read_weights
+  from vita_jax.checkpoints import workdir as wd
+  from vita_jax.checkpoints.init_sources import read_weights
   if config.init_from:
     if not os.path.exists(config.init_from):
       raise ConfigError(f"init_from={config.init_from!r} does not exist; pass a previous "
@@ -107,33 +108,34 @@ def train(config, workdir: str, devices=None) -> dict:
   import optax
   from tqdm import tqdm
 
-  from vita_jax import flops as flops_lib
-  from vita_jax import optim, train_state
   from vita_jax.data.pipeline import make_train_iterator
-  from vita_jax.metrics import MetricsWriter
+  from vita_jax.training import flops as flops_lib
+  from vita_jax.training import optim
+  from vita_jax.training import step as train_step
+  from vita_jax.training.metrics import MetricsWriter
 
   maybe_initialize_distributed()
   devices = list(jax.devices() if devices is None else devices)
-  shape = config_lib.validate(config, len(devices))
+  shape = validation.validate(config, len(devices))
   mesh = make_mesh(config.mesh, devices)
   primary = jax.process_index() == 0
   train_cfg = config.train
   accum = int(train_cfg.grad_accum)
 
   if primary:
-    from vita_jax.workdir import CONFIG_FILE, save_config
+    from vita_jax.checkpoints.workdir import CONFIG_FILE, save_config
     _report_config_changes(os.path.join(workdir, CONFIG_FILE), config)
     save_config(config, workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints)
   model = build_model(config, mesh)
   if ckpt.latest_step() is None:        # a resumed run has its own weights
     load_initial_weights(config, model)
-  split, params, frozen = train_state.split_model(model, tuple(train_cfg.trainable))
+  split, params, frozen = train_step.split_model(model, tuple(train_cfg.trainable))
   del model
   tx, schedule = optim.make_optimizer(params, split.trainable_axes, train_cfg)
 
-  param_sh = train_state.shardings_like(params, split.trainable_axes, mesh)
-  frozen_sh = train_state.shardings_like(frozen, split.frozen_axes, mesh)
+  param_sh = train_step.shardings_like(params, split.trainable_axes, mesh)
+  frozen_sh = train_step.shardings_like(frozen, split.frozen_axes, mesh)
   params = jax.device_put(params, param_sh)
   frozen = jax.device_put(frozen, frozen_sh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -144,7 +146,7 @@ def train(config, workdir: str, devices=None) -> dict:
                step=jax.device_put(np.int32(0), replicated))
   state_sh = jax.tree.map(lambda x: x.sharding, state)
 
-  step_fn = jax.jit(train_state.make_train_step(split, tx, schedule, config),
+  step_fn = jax.jit(train_step.make_train_step(split, tx, schedule, config),
                     donate_argnums=(0,), out_shardings=(state_sh, None))
 
   # Data: micro-batches of global_batch / grad_accum rows, this process's share only.
@@ -272,9 +274,9 @@ def _flat_dict(tree, prefix=""):
 def _make_evaluator(config, split, shape, mesh, shard: DataShard):
   """Held-out loss over the first `train.eval_batches` batches of `data.eval_manifest`
   (supervised-token mean), computed with the training model's current parameters."""
-  from vita_jax import train_state
   from vita_jax.data.pipeline import make_train_iterator
-  eval_step = jax.jit(train_state.make_eval_step(split, config))
+  from vita_jax.training import step as train_step
+  eval_step = jax.jit(train_step.make_eval_step(split, config))
   tpt = tokens_per_tile(config.model)
 
   def evaluate(params, frozen) -> float:

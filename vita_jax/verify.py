@@ -1,4 +1,4 @@
-"""Cross-framework numerical verification of one checkpoint (DESIGN §6).
+"""Cross-framework numerical verification of one checkpoint (docs/design.md#precision).
 
     python -m vita_jax.verify --model=DIR [--dtype float32|bfloat16] [--against torch,transformers]
 
@@ -33,8 +33,8 @@ def make_cases(cfg, *, batch: int = 2, seq: int = 32, tiles: int = 3, seed: int 
   segment ids (None: the whole batch is one call). Context tokens use the config's first
   visual context id.
   """
-  from configs.base import tokens_per_tile
   from vita_jax.models.vlm import context_token_ids
+  from vita_jax.spec.tokens import tokens_per_tile
   rng = np.random.default_rng(seed)
   tpt, side = tokens_per_tile(cfg), cfg.vision.image_size
   context = context_token_ids(cfg.tokens)

@@ -1,4 +1,5 @@
-"""Generation for the PyTorch mirror: KV cache, optional context parallelism (DESIGN §5).
+"""Generation for the PyTorch mirror: KV cache, optional context parallelism
+(docs/design.md#contracts).
 
     tokens = generate(model, input_ids, pixel_values, max_new_tokens=32)          # [B, new]
 

@@ -1,4 +1,5 @@
-"""Reading (and writing) the Hugging Face checkpoint directories of DESIGN §5 for vita_torch.
+"""Reading (and writing) the Hugging Face checkpoint directories of docs/design.md#contracts for
+vita_torch.
 
 Two layouts, told apart by `config.json`:
   long_vita  the release (`LongVITAForCausalLM`): Qwen2 fields at the top, InternViT fields under
@@ -21,10 +22,8 @@ from safetensors.torch import load_file, save_file
 
 # config.json <-> ConfigDict and the key tables are vita_jax's (numpy only, no JAX import), so
 # both frameworks read a checkpoint the same way.
-from vita_jax.models.hf_config import hf_config_from_model_config, model_config_from_hf
-from vita_jax.models.hf_mapping import canonical_key, ignorable_keys, rule_keys, rules
-
-LAYOUTS = ("long_vita", "internvl")
+from vita_jax.spec.hf_config import hf_config_from_model_config, model_config_from_hf
+from vita_jax.spec.hf_mapping import canonical_key, ignorable_keys, rule_keys, rules
 
 
 def read_json(path: str) -> dict:

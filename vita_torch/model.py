@@ -1,9 +1,10 @@
-"""Long-VITA in plain PyTorch (DESIGN §2): InternViT -> pixel shuffle -> projector -> Qwen2.
+"""Long-VITA in plain PyTorch (docs/design.md#model): InternViT -> pixel shuffle -> projector ->
+Qwen2.
 
 Module names are the long_vita checkpoint keys (`model.vision_model.*`, `model.vision_projection.*`,
 `model.layers.N.*`, `lm_head`), so loading that layout is `load_state_dict`. Only plain ops, so
 it runs on CPU, CUDA and Ascend NPU. Attention is `F.scaled_dot_product_attention` with an
-explicit boolean mask from segment ids and positions (DESIGN §5): i sees j iff
+explicit boolean mask from segment ids and positions (docs/design.md#contracts): i sees j iff
 seg[i] == seg[j] != 0 and pos[i] >= pos[j]; rows that see nothing (padding) give zeros.
 
 The decoder takes an `attend(layer, q, k, v)` callback, so one forward serves the dense model,
@@ -16,8 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from configs.base import context_token_ids, tokens_per_tile
-from vita_jax.data.context import check_visual_tokens, context_index
+from vita_jax.spec.tokens import (
+  check_visual_tokens,
+  context_index,
+  context_token_ids,
+  tokens_per_tile,
+)
 from vita_torch.vision import InternViT, Projector
 
 # Shapes: q [B, S, Hq, D], k/v [B, S, Hkv, D], segment ids / positions [B, S] (int).
@@ -167,7 +172,7 @@ class LongVITAForCausalLM(nn.Module):
     return torch.isin(input_ids, torch.tensor(self.context_ids, device=input_ids.device))
 
   def feature_index(self, input_ids, num_tiles: int):
-    """int64 [B, S]: vita_jax.data.context.context_index after checking that `input_ids` hold
+    """int64 [B, S]: vita_jax.spec.tokens.context_index after checking that `input_ids` hold
     num_tiles blocks of context tokens (ValueError otherwise)."""
     ids = input_ids.cpu().numpy()
     check_visual_tokens(ids, self.context_ids, num_tiles, self.tokens_per_tile)

@@ -1,7 +1,7 @@
 """Context parallelism over `torch.distributed`: ring attention for prefill, a sharded KV cache
 merge for decode. Works with any backend (hccl on NPU, nccl on GPU, gloo on CPU).
 
-Layout: the zigzag of vita_jax/parallel/zigzag.py. The (padded) sequence is cut into 2N chunks
+Layout: the zigzag of vita_jax/spec/zigzag.py. The (padded) sequence is cut into 2N chunks
 and rank r holds chunks r and 2N-1-r, which balances causal work. The mask comes from the segment
 ids and positions that travel with K/V, so the layout never enters the attention math.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from vita_jax.data.layout import zigzag_permutation
+from vita_jax.spec.zigzag import zigzag_permutation
 from vita_torch.model import attention_mask
 
 # q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D], segment ids / positions [B, S]; lse [B, Sq, Hq] fp32.

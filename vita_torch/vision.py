@@ -1,4 +1,4 @@
-"""InternViT vision tower and the pixel-shuffle projector in plain PyTorch (DESIGN §2).
+"""InternViT vision tower and the pixel-shuffle projector in plain PyTorch (docs/design.md#model).
 
 Module names are the OpenGVLab checkpoint keys (`embeddings.*`, `encoder.layers.N.*`), so the
 long_vita layout loads them under `model.vision_model.*` / `model.vision_projection.*`.
@@ -100,7 +100,8 @@ class InternViT(nn.Module):
 
 
 def pixel_shuffle(x, ratio: float):
-  """[T, H, W, C] -> [T, H*r, W*r, C/r^2], channels (row offset, col offset, c) (DESIGN §2)."""
+  """[T, H, W, C] -> [T, H*r, W*r, C/r^2], channels (row offset, col offset, c)
+  (docs/design.md#model)."""
   t, h, w, c = x.shape
   f = round(1 / ratio)
   if h % f or w % f:

@@ -1,4 +1,4 @@
-"""ChatML conversations -> token ids, loss mask and the visual token layout of DESIGN §2.
+"""ChatML conversations -> token ids, loss mask and the visual token layout of docs/design.md#model.
 
     <|im_start|>{role}\n{content}<|im_end|>\n        (no default system prompt)
 

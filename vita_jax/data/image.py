@@ -1,4 +1,4 @@
-"""Images: InternVL dynamic tiling (DESIGN §2) and ImageNet normalisation.
+"""Images: InternVL dynamic tiling (docs/design.md#model) and ImageNet normalisation.
 
     tiles = dynamic_tiles(pil_image, tile=448, max_tiles=12)   # float32 [n, 448, 448, 3]
 

@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from vita_jax.data.conversation import SampleError
-from vita_jax.parallel.mesh import ConfigError
+from vita_jax.errors import ConfigError
 
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "system": "system"}

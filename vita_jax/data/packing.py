@@ -18,7 +18,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from vita_jax.parallel.mesh import ConfigError
+from vita_jax.errors import ConfigError
 
 IGNORE = -100
 MIN_READ_FOR_BAD_CHECK = 100
@@ -85,7 +85,7 @@ class BatchBuilder:
         input_ids[b, start:end] = s["input_ids"]
         labels[b, start:end] = shifted_labels(s["input_ids"], s["supervised"])
         positions[b, start:end] = np.arange(n) if self.reset_positions else np.arange(start, end)
-        # Stages 3-4 attend across packed samples (DESIGN §3): one segment per row.
+        # Stages 3-4 attend across packed samples (docs/design.md#stages): one segment per row.
         segment_ids[b, start:end] = k if self.reset_positions else 1
         pixels[t:t + len(s["pixels"])] = s["pixels"]
         t += len(s["pixels"])
@@ -138,7 +138,7 @@ class _PackIterator(grain.DatasetIterator):
       raise DataError(
           f"{bad} of {read} samples were unusable ({reasons}), above "
           f"data.max_bad_fraction={self._max_bad}; check the data with `python -m "
-          "vita_jax.data.inspect` or raise --config.data.max_bad_fraction")
+          "vita_jax.data.check` or raise --config.data.max_bad_fraction")
 
   def __next__(self) -> dict:
     builder = BatchBuilder(**self._kwargs)

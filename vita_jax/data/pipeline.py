@@ -19,11 +19,9 @@ import os
 import grain
 import numpy as np
 
-from configs.base import context_token_ids, tokens_per_tile
 from vita_jax.data import demo
 from vita_jax.data import image as image_lib
 from vita_jax.data import video as video_lib
-from vita_jax.data.context import context_index
 from vita_jax.data.conversation import (
   SampleError,
   encode_conversation,
@@ -33,7 +31,8 @@ from vita_jax.data.conversation import (
 from vita_jax.data.manifest import JsonlSource, parse_sample, resolve_sources
 from vita_jax.data.packing import PackIterDataset
 from vita_jax.data.tokenizer import check_token_ids, load_tokenizer
-from vita_jax.parallel.mesh import ConfigError
+from vita_jax.errors import ConfigError
+from vita_jax.spec.tokens import context_index, context_token_ids, tokens_per_tile
 
 SEQUENCE_KEYS = ("input_ids", "labels", "positions", "segment_ids", "context_index")
 
@@ -125,12 +124,12 @@ def make_prepare(config) -> PrepareSample:
 
 
 def add_context_index(batch: dict, context_ids: tuple[int, ...]) -> dict:
-  """`batch` with "context_index" (see vita_jax.data.context.context_index) added."""
+  """`batch` with "context_index" (see vita_jax.spec.tokens.context_index) added."""
   return {**batch, "context_index": context_index(batch["input_ids"], context_ids)}
 
 
 def _zigzag(batch: dict, num_shards: int) -> dict:
-  from vita_jax.parallel.zigzag import zigzag_batch  # lazy: parallel code is optional here
+  from vita_jax.spec.zigzag import zigzag_batch
   seq = zigzag_batch({k: batch[k] for k in SEQUENCE_KEYS}, num_shards)
   return {**batch, **seq}
 

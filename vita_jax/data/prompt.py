@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from configs.base import tokens_per_tile
 from vita_jax.data import image as image_lib
 from vita_jax.data import video as video_lib
 from vita_jax.data.conversation import encode_conversation
+from vita_jax.spec.tokens import tokens_per_tile
 
 
 def encode_prompt(cfg, tok, prompt: str, images=(), videos=(), max_frames: int = 64,

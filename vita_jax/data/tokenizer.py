@@ -4,7 +4,8 @@
     tok.encode("What colour?")  ->  [ids]                  # never adds special tokens
 
 Any directory `transformers.AutoTokenizer` reads works (a real Qwen2.5 directory unchanged);
-the DESIGN §2 visual tokens are added, in order, where absent, so for Qwen2.5 `<img>` is 151665.
+the docs/design.md#model visual tokens are added, in order, where absent, so for Qwen2.5 `<img>` is
+151665.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import functools
 import os
 import threading
 
-from configs.base import CHATML_TOKENS, VISUAL_SPECIAL_TOKENS
-from vita_jax.parallel.mesh import ConfigError
+from vita_jax.errors import ConfigError
+from vita_jax.spec.tokens import CHATML_TOKENS, VISUAL_SPECIAL_TOKENS
 
 SPECIAL_TOKENS = CHATML_TOKENS + VISUAL_SPECIAL_TOKENS
 
@@ -66,7 +67,7 @@ def _load(path: str) -> Tokenizer:
     from tokenizers import AddedToken
     backend = transformers.AutoTokenizer.from_pretrained(path).backend_tokenizer
   absent = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
-  if absent:  # in DESIGN §2 order, so Qwen2.5 gets <img>=151665, </img>=151666, ...
+  if absent:  # in docs/design.md#model order, so Qwen2.5 gets <img>=151665, </img>=151666, ...
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in absent])
   return Tokenizer(backend, path)
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-REMAT_POLICIES = ("none", "full", "dots")
+from vita_jax.spec.model import REMAT_POLICIES
 
 
 def dtype_of(name) -> jnp.dtype:

@@ -1,4 +1,4 @@
-"""Qwen2 decoder (DESIGN §2): GQA with q/k/v bias, RoPE from explicit positions, RMSNorm,
+"""Qwen2 decoder (docs/design.md#model): GQA with q/k/v bias, RoPE from explicit positions, RMSNorm,
 SwiGLU, untied or tied LM head.
 
 A decoder layer is split in two pure functions so a KV cache can sit between them:

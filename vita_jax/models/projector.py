@@ -1,4 +1,4 @@
-"""Pixel shuffle + the vision-to-language projector (DESIGN §2).
+"""Pixel shuffle + the vision-to-language projector (docs/design.md#model).
 
 Long-VITA: LayerNorm(4*Dv) -> Linear(4*Dv -> Dv, no bias) -> GELU -> Linear(Dv -> D, no bias).
 transformers' InternVL: the same with biases and hidden width D. Width and bias are config.

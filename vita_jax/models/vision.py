@@ -1,4 +1,5 @@
-"""InternViT (DESIGN §2): conv patch embedding, CLS token, learned absolute position embedding,
+"""InternViT (docs/design.md#model): conv patch embedding, CLS token, learned absolute position
+embedding,
 pre-LayerNorm blocks with per-channel layer scale, bidirectional attention. No final norm
 (InternViT-300M, transformers' `use_mean_pooling=True`); the CLS output is dropped.
 

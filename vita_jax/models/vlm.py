@@ -1,5 +1,5 @@
 """Long-VITA: InternViT on every tile/frame -> pixel shuffle + projector -> features placed, in
-order, at the visual context tokens of a Qwen2 decoder (DESIGN §2, §5).
+order, at the visual context tokens of a Qwen2 decoder (docs/design.md#model, §5).
 
     model = LongVITA(base.model_config("tiny"), rngs=nnx.Rngs(0))
     logits = model(input_ids, pixel_values)          # fp32 [B, S, V]
@@ -11,11 +11,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from configs.base import context_token_ids
-from vita_jax.data.context import check_visual_tokens
 from vita_jax.models.llm import Qwen2
 from vita_jax.models.projector import Projector
 from vita_jax.models.vision import InternViT
+from vita_jax.spec.tokens import check_visual_tokens, context_token_ids, tokens_per_tile
 
 __all__ = ["LongVITA", "context_token_ids", "merge_visual_features"]
 
@@ -80,15 +79,9 @@ class LongVITA(nnx.Module):
                                 context_index=context_index)
     return x
 
-  def tokens_per_tile(self, tile_side: int) -> int:
-    # configs.base.tokens_per_tile at the tiles' actual side: the tower resizes its position
-    # table, so pixels of another size give another number of tokens.
-    patches = tile_side // self.config.vision.patch_size
-    return int(patches * self.config.downsample_ratio) ** 2
-
   def _check_counts(self, input_ids, pixel_shape):
     check_visual_tokens(input_ids, self.context_ids, pixel_shape[0],
-                        self.tokens_per_tile(pixel_shape[1]))
+                        tokens_per_tile(self.config, tile_side=pixel_shape[1]))
 
   def __call__(self, input_ids, pixel_values=None, positions=None, segment_ids=None, *,
                context_index=None, return_hidden: bool = False):

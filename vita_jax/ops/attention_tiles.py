@@ -1,8 +1,9 @@
 """Attention tile kernels shared by the ring, the single-device chunked kernel and decoding.
 
 Two families:
-- `partial_attention` / `merge_partials` / `merge_across`: normalised partial softmaxes merged
-  by log-sum-exp (token-major [B, S, Hkv, G, D]); used by decoding over a sharded cache.
+- `merge_partials` / `merge_across`: normalised partial softmaxes (vita_jax.ops.dense's
+  `partial_attention`, token-major [B, S, Hkv, G, D]) merged by log-sum-exp; used by decoding
+  over a sharded cache.
 - `tile_forward` / `tile_backward`: the ring's flash-style tiles in a head-major layout
   (q [B, Hkv, G*cq, D], k/v [B, Hkv, ck, D]) so every score matmul is a plain batched matmul
   with no transposes around it. The forward keeps an unnormalised running (acc, max, sum); a
@@ -17,7 +18,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from vita_jax.ops.attention import attention_mask
+from vita_jax.ops.dense import attention_mask
 
 SKIP, FULL, MASKED = 0, 1, 2
 _INT_MAX = jnp.iinfo(jnp.int32).max
@@ -134,25 +135,3 @@ def tile_backward(q, k, k_t, v, dout, lse, delta, ids, *, masked: bool, causal: 
   dk = jnp.einsum("bhkm,bhmd->bhkd", ds_t, q, preferred_element_type=jnp.float32)
   dq_t = jnp.einsum("bhdk,bhkm->bhdm", k_t, ds_t, preferred_element_type=jnp.float32)
   return dq_t, dk, dv
-
-
-def partial_attention(q, k, v, q_seg, q_pos, kv_seg, kv_pos, *, causal: bool = True,
-                      scale: float | None = None):
-  """Softmax of q [B,Q,Hq,D] over one key set k/v [B,K,Hkv,D] (no chunking) -> (normalised
-  out fp32 [B,Q,Hkv,G,D], lse fp32 [B,Q,Hkv,G]; -inf where nothing is visible), ready for
-  merge_partials / merge_across."""
-  b, sq, hq, d = q.shape
-  hkv = k.shape[2]
-  scale = d ** -0.5 if scale is None else float(scale)
-  qg = q.reshape(b, sq, hkv, hq // hkv, d)
-  s = jnp.einsum("bqhgd,bkhd->bqhgk", qg, k, preferred_element_type=jnp.float32) * scale
-  mask = attention_mask(q_seg, q_pos, kv_seg, kv_pos, causal)[:, :, None, None, :]
-  s = jnp.where(mask, s, -jnp.inf)
-  row_max = jnp.max(s, axis=-1)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  p = jnp.where(mask, jnp.exp(s - row_max[..., None]), 0.0)
-  denom = jnp.sum(p, axis=-1)
-  out = jnp.einsum("bqhgk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  out = out / jnp.where(denom == 0, 1.0, denom)[..., None]
-  lse = jnp.where(denom > 0, row_max + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
-  return out, lse

@@ -1,4 +1,5 @@
-"""Decode-time attention to a KV cache that stays sharded over the sequence (DESIGN §5).
+"""Decode-time attention to a KV cache that stays sharded over the sequence
+(docs/design.md#contracts).
 
 A few new queries (replicated) attend to the prompt cache sharded over a mesh axis: each shard
 takes a softmax over its own slice (`partial_attention`) and the partials are merged by
@@ -13,7 +14,8 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec as P
 
-from vita_jax.ops.attention_tiles import merge_across, merge_partials, partial_attention
+from vita_jax.ops.attention_tiles import merge_across, merge_partials
+from vita_jax.ops.dense import partial_attention
 
 
 def cache_attention(q, k, v, q_seg, q_pos, kv_seg, kv_pos, *, mesh, axis: str = "seq"):

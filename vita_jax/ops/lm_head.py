@@ -28,8 +28,6 @@ from jax.sharding import PartitionSpec as P
 
 from vita_jax.parallel.sharding import logical_to_spec
 
-IGNORE_INDEX = -100
-
 
 def _psum(x, axes):
   return lax.psum(x, axes) if axes else x

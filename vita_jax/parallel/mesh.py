@@ -1,6 +1,6 @@
 """Device mesh from config: axes (data, fsdp, seq, tensor), -1 fills the rest.
 
-The mesh uses *Auto* axis types (DESIGN §7): our functions shard with explicit
+The mesh uses *Auto* axis types (docs/design.md#library-notes): our functions shard with explicit
 `NamedSharding`s and `shard_map`, and must not depend on Explicit-mode type checks.
 """
 
@@ -12,15 +12,13 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
+from vita_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "seq", "tensor")
 
 
 _FAKE_HINT = (" (on a CPU, fake devices come from "
               "XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the value and the fix."""
 
 
 def resolve_mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -72,12 +70,3 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
     grid = np.asarray(devices, dtype=object).reshape(dims)
   return jax.sharding.Mesh(grid, MESH_AXES,
                            axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
-
-
-def single_device_mesh(device: jax.Device | None = None) -> jax.sharding.Mesh:
-  device = device or jax.devices()[0]
-  return make_mesh({}, devices=[device])
-
-
-def axis_size(mesh: jax.sharding.Mesh, axis: str) -> int:
-  return int(mesh.shape.get(axis, 1))

@@ -1,4 +1,4 @@
-"""The jitted model steps of generation (DESIGN §5); vita_jax.generate drives them.
+"""The jitted model steps of generation (docs/design.md#contracts); vita_jax.generate drives them.
 
 `prefill_step` runs the prompt (zigzag layout, sharded over `seq`) and keeps every layer's K/V
 where it was computed: the cache is [layers, B, S, Hkv, hd] sharded over `seq`, with the

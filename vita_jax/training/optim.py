@@ -1,4 +1,5 @@
-"""The optimizer of DESIGN §3: Adam(0.9, 0.999), no decay, clip 1.0, warmup + cosine, with
+"""The optimizer of docs/design.md#stages: Adam(0.9, 0.999), no decay, clip 1.0, warmup + cosine,
+with
 per-parameter LR multipliers (stage 2: ViT x0.1 and layer-wise decay 0.9).
 
 Only trainable parameters reach the optimizer: frozen ones get neither optimizer state nor
@@ -100,8 +101,3 @@ def make_optimizer(params, logical_axes, train: ml_collections.ConfigDict
   chain.append(optax.scale_by_learning_rate(schedule))
   tx = optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**30)
   return tx, schedule
-
-
-def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
-  """(consecutive, total) non-finite steps recorded by apply_if_finite."""
-  return opt_state.notfinite_count, opt_state.total_notfinite

@@ -1,4 +1,4 @@
-"""Key tables between our parameters and the two Hugging Face layouts (DESIGN §5).
+"""Key tables between our parameters and the two Hugging Face layouts (docs/design.md#contracts).
 
 A `Rule` ties one of our parameters (a path in the nnx state, stacked over layers or not) to
 the HF tensor(s) it comes from. Conversion is the table plus three transforms: Linear

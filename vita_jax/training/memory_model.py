@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import ml_collections
 
-from configs.base import tokens_per_tile
 from vita_jax.parallel.sharding import logical_to_spec
+from vita_jax.spec.tokens import tokens_per_tile
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from vita_jax.parallel.mesh import ConfigError, resolve_mesh_shape
+from vita_jax.errors import ConfigError
+from vita_jax.parallel.mesh import resolve_mesh_shape
+from vita_jax.spec.model import DTYPES, REMAT_POLICIES
 
 TRAINABLE = ("vision", "projector", "llm")
-DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -36,7 +36,8 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   _check(t.head_dim % 2 == 0, f"model.llm.head_dim={t.head_dim} must be even for RoPE")
   for key in ("param_dtype", "compute_dtype"):
     _check(model[key] in DTYPES, f"model.{key}={model[key]!r}; use one of {', '.join(DTYPES)}")
-  _check(model.remat in REMAT, f"model.remat={model.remat!r}; use one of {', '.join(REMAT)}")
+  _check(model.remat in REMAT_POLICIES,
+         f"model.remat={model.remat!r}; use one of {', '.join(REMAT_POLICIES)}")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:

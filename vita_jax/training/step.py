@@ -2,7 +2,8 @@
 shardings, and the jitted train step itself.
 
 The NNX module is split into a static graph and two states once, outside the hot loop
-(DESIGN §7); the step is a pure function of nested dicts of arrays, which optax and orbax
+(docs/design.md#library-notes); the step is a pure function of nested dicts of arrays, which optax
+and orbax
 handle natively.
 """
 

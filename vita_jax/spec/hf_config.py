@@ -1,4 +1,4 @@
-"""config.json <-> our model ConfigDict, for both HF layouts (DESIGN §5).
+"""config.json <-> our model ConfigDict, for both HF layouts (docs/design.md#contracts).
 
 `long_vita` schema (the release's, plus optional fields it lacks, all written by us):
 
@@ -13,7 +13,8 @@
      "vision_projection": {"hidden_size": .., "bias": .., "layer_norm_eps": ..},
                            # optional; release default: visual hidden_size, no bias, 1e-5
      "vita_special_tokens": {"img_context_id": .., ...}}
-                           # optional; default: Qwen2.5 ids + the DESIGN §2 list (151665...)
+                           # optional; default: Qwen2.5 ids + the docs/design.md#model list
+                           (151665...)
 
 `internvl`: transformers' `InternVLConfig` (text_config = Qwen2, vision_config =
 InternVLVisionConfig). Its single `image_token_id` becomes `tokens.image_token_id`.
@@ -21,7 +22,8 @@ InternVLVisionConfig). Its single `image_token_id` becomes `tokens.image_token_i
 
 from __future__ import annotations
 
-from configs import base
+from vita_jax.spec import tokens as spec_tokens
+from vita_jax.spec.model import llm_config, model_config, vision_config
 
 _VITA_TOKEN_FIELDS = ("eos_id", "pad_id", "img_start_id", "img_end_id", "img_context_id",
                       "vid_start_id", "vid_end_id", "vid_context_id", "patch_start_id",
@@ -63,10 +65,10 @@ def _llm_from(text: dict, tie: bool):
   _require(text.get("hidden_act", "silu") == "silu", f"hidden_act {text.get('hidden_act')}")
   _require(not text.get("use_sliding_window", False), "sliding-window attention")
   heads = int(text["num_attention_heads"])
-  llm = base._llm(int(text["vocab_size"]), int(text["hidden_size"]),
-                  int(text["num_hidden_layers"]), heads,
-                  int(text.get("num_key_value_heads") or heads), int(text["intermediate_size"]),
-                  head_dim=text.get("head_dim"), tie=bool(tie))
+  llm = llm_config(int(text["vocab_size"]), int(text["hidden_size"]),
+                   int(text["num_hidden_layers"]), heads,
+                   int(text.get("num_key_value_heads") or heads), int(text["intermediate_size"]),
+                   head_dim=text.get("head_dim"), tie=bool(tie))
   llm.rms_norm_eps = float(text.get("rms_norm_eps", 1e-6))
   llm.rope_theta = _rope_theta(text)
   if text.get("max_position_embeddings"):
@@ -75,11 +77,10 @@ def _llm_from(text: dict, tie: bool):
 
 
 def _default_tokens(eos, pad):
-  tokens = base.special_token_ids(base._QWEN_FIRST_VISUAL_ID,
-                                  eos_id=151645 if eos is None else int(eos),
-                                  pad_id=151643 if pad is None else int(pad))
-  tokens.image_token_id = -1
-  return tokens
+  return spec_tokens.special_token_ids(
+      spec_tokens.QWEN_FIRST_VISUAL_ID,
+      eos_id=spec_tokens.QWEN_EOS_ID if eos is None else int(eos),
+      pad_id=spec_tokens.QWEN_PAD_ID if pad is None else int(pad))
 
 
 def _first(v):
@@ -87,11 +88,11 @@ def _first(v):
 
 
 def model_config_from_hf(hf: dict):
-  """Our model ConfigDict (configs/base.py structure) from an HF config.json dict."""
+  """Our model ConfigDict (the vita_jax.spec.model schema) from an HF config.json dict."""
   layout = detect_layout(hf)
-  cfg = base.model_config("tiny")
-  cfg.size = "hf"
-  cfg.layout = layout
+  # Vision, LLM, projector and tokens are all replaced below, from the file.
+  cfg = model_config(size="hf", layout=layout, vision=vision_config(448, 14, 1024, 24, 16, 4096),
+                     llm=llm_config(152064, 5120, 48, 40, 8, 13824), projector_hidden=1024)
   if layout == "internvl":
     text, vis = hf["text_config"], hf["vision_config"]
     _require(text.get("model_type", "qwen2") == "qwen2", f"text model {text.get('model_type')}")
@@ -129,7 +130,7 @@ def model_config_from_hf(hf: dict):
     for k, v in (hf.get("vita_special_tokens") or {}).items():
       cfg.tokens[k] = int(v)
   _require(vis.get("hidden_act", "gelu") == "gelu", f"vision act {vis.get('hidden_act')}")
-  cfg.vision = base._vision(_side(vis["image_size"]), _side(vis["patch_size"]),
+  cfg.vision = vision_config(_side(vis["image_size"]), _side(vis["patch_size"]),
                             int(vis["hidden_size"]), int(vis["num_hidden_layers"]),
                             int(vis["num_attention_heads"]), int(vis["intermediate_size"]))
   cfg.vision.layer_norm_eps = float(vis.get("layer_norm_eps", 1e-6))
@@ -200,7 +201,7 @@ def hf_config_from_model_config(cfg, layout: str, dtype: str = "float32") -> dic
             hidden_act="gelu", layer_scale_init_value=v.layer_scale_init, num_channels=3,
             use_mean_pooling=True, use_absolute_position_embeddings=True,
             use_mask_token=False),
-        image_token_id=int(image_token), image_seq_length=base.tokens_per_tile(cfg),
+        image_token_id=int(image_token), image_seq_length=spec_tokens.tokens_per_tile(cfg),
         downsample_ratio=cfg.downsample_ratio, projector_hidden_act="gelu",
         vision_feature_layer=-1, vision_feature_select_strategy="default",
         tie_word_embeddings=bool(cfg.llm.tie_embeddings))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from configs.base import tokens_per_tile
+from vita_jax.spec.tokens import tokens_per_tile
 
 
 def llm_forward_flops_per_token(model: ml_collections.ConfigDict, context: float) -> float:

@@ -1,6 +1,6 @@
 """Dry run of the data a config would train on: what is read, what is skipped and why.
 
-    python -m vita_jax.data.inspect --config=configs/stage2.py:tiny [--config.data.manifest=F]
+    python -m vita_jax.data.check --config=configs/stage2.py:tiny [--config.data.manifest=F]
 
 Reads up to --max_samples samples of each source in file order, prepares them exactly as
 training would, and prints per source the samples read / packed / skipped (by reason, with the
@@ -16,12 +16,12 @@ import os
 import numpy as np
 from absl import flags
 
-from configs.base import CONTEXT_TOKENS
 from vita_jax import cli
 from vita_jax.data import pipeline
 from vita_jax.data.manifest import JsonlSource, resolve_sources
 from vita_jax.data.packing import BatchBuilder
 from vita_jax.data.tokenizer import Tokenizer, load_tokenizer
+from vita_jax.spec.tokens import CONTEXT_TOKENS
 
 _MAX_SAMPLES = flags.DEFINE_integer("max_samples", 2000, "samples to read per source")
 _OUT = flags.DEFINE_string("out", "runs/inspect", "folder for the decoded example")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from vita_jax.parallel.mesh import ConfigError
+from vita_jax.errors import ConfigError
 
 MODEL_KEYS = ("input_ids", "labels", "positions", "segment_ids", "pixel_values",
               "context_index")

@@ -39,13 +39,11 @@ class RestoreError(RuntimeError):
 class Checkpointer:
   """`save(step, state, data_state, meta)` / `restore(abstract_state)` under `directory`."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
-               primary_host: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
-    del primary_host  # orbax coordinates multi-process writes itself
 
   def _data_state_file(self, step: int, process: int) -> str:
     return os.path.join(self.directory, "data_states", str(step), f"process_{process}.json")

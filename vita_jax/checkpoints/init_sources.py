@@ -6,8 +6,8 @@
 - `init_from_vision`: an InternViT directory in OpenGVLab's layout (the `long_vita` vision keys
   without the `model.vision_model.` prefix).
 
-The weights are read through the checkpoint key table (`vita_jax.models.hf_mapping`) tensor by
-tensor; `vita_jax.workdir.assign_params` then reports every name or shape that differs.
+The weights are read through the checkpoint key table (`vita_jax.spec.hf_mapping`) tensor by
+tensor; `vita_jax.checkpoints.workdir.assign_params` then reports every name or shape that differs.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from vita_jax.checkpoint_hf import (
+from vita_jax.checkpoints.hf import (
   SafetensorsDir,
   abstract_model,
   model_config_from_hf,
   read_hf_config,
 )
-from vita_jax.models.hf_mapping import params_from_hf, rule_keys, rules
+from vita_jax.spec.hf_mapping import params_from_hf, rule_keys, rules
 
 VISION_PREFIX = "model.vision_model."
 

@@ -26,12 +26,12 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from vita_jax.models.hf_config import (
+from vita_jax.spec.hf_config import (
   detect_layout,
   hf_config_from_model_config,
   model_config_from_hf,
 )
-from vita_jax.models.hf_mapping import (
+from vita_jax.spec.hf_mapping import (
   LAYOUTS,
   canonical_key,
   disk_key,
@@ -40,8 +40,6 @@ from vita_jax.models.hf_mapping import (
   ignorable_keys,
   params_from_hf,
   params_to_hf,
-  rule_keys,
-  rules,
 )
 
 __all__ = ["load_pretrained", "save_pretrained", "read_hf_config", "SafetensorsDir",
@@ -248,11 +246,6 @@ class _HostParams(Mapping):
 
   def __len__(self):
     return len(self._flat)
-
-
-def rule_table(cfg, layout: str) -> list[tuple[tuple[str, ...], list[str]]]:
-  """(our path, HF keys of layer 0 or the tensor) for documentation and debugging."""
-  return [(r.ours, rule_keys(r, 0 if r.layers else None)) for r in rules(cfg, layout)]
 
 
 # Re-exported so the trainer and the torch mirror import everything from one place.
