@@ -101,6 +101,7 @@ def stage_config(*, stage: int, size: str, seq_len: int, trainable: tuple[str, .
       reset_positions=reset_positions,        # stages 1-2: per-sample positions + masking
       max_frames=max_frames,
       video_fps=1.0,
+      video_sampling="release",               # release (the released weights') | uniform
       max_tiles=config.model.max_tiles,
       tiles_per_batch=scale["tiles"],         # static pixel budget per batch; 0 = derive
       # Where the data comes from: the demo corpus for tiny/small, the release mixture else.

@@ -78,15 +78,18 @@ def test_video_file_sampling(tmp_path):
   path = str(tmp_path / "v.mp4")
   video_lib.write_mp4(path, frames, fps=2)
 
-  def indices(max_frames):
-    v = video_lib.load_video(path, 28, max_frames, fps=1.0)
+  def indices(max_frames, sampling):
+    v = video_lib.load_video(path, 28, max_frames, fps=1.0, sampling=sampling)
     grey = (v[:, 14, 14, 1] * 0.224 + 0.456) * 255
     return np.round(grey / 8).astype(int)
 
-  # <= 1 fps: 16 frames at the middle of each second -> frame 2k+1.
-  assert list(indices(100)) == [2 * k + 1 for k in range(16)]
-  # max 4 frames: middles of 4-second slots (2 s, 6 s, 10 s, 14 s) -> frames 4, 12, 20, 28.
-  assert list(indices(4)) == [4, 12, 20, 28]
+  # uniform, <= 1 fps: 16 frames at the middle of each second -> frame 2k+1.
+  assert list(indices(100, "uniform")) == [2 * k + 1 for k in range(16)]
+  # uniform, max 4 frames: middles of 4-second slots (2, 6, 10, 14 s) -> frames 4, 12, 20, 28.
+  assert list(indices(4, "uniform")) == [4, 12, 20, 28]
+  # release: step = max(rate / fps, n / (max_frames + 1)), frames int(i * step) while < n.
+  assert list(indices(100, "release")) == list(range(0, 32, 2))          # step max(2, 0.32)
+  assert list(indices(4, "release")) == [0, 6, 12, 19]                   # step 32 / 5 = 6.4
 
 
 def test_video_frame_directory(tmp_path):
@@ -94,10 +97,52 @@ def test_video_frame_directory(tmp_path):
   os.makedirs(folder)
   for i in range(10):
     Image.fromarray(np.full((20, 20, 3), 20 * i, np.uint8)).save(folder / f"{i:02d}.png")
-  v = video_lib.load_video(str(folder), 14, max_frames=5)
+  def indices(max_frames, sampling):
+    v = video_lib.load_video(str(folder), 14, max_frames=max_frames, sampling=sampling)
+    assert v.shape[1:] == (14, 14, 3)
+    return list(np.round((v[:, 7, 7, 0] * 0.229 + 0.485) * 255 / 20).astype(int))
+
+  assert indices(5, "uniform") == [1, 3, 5, 7, 9]  # the middle of each of 5 slots
+  # release: target = int(min(n * fps, max_frames)) frames at int(n / target) * i
+  assert indices(5, "release") == [0, 2, 4, 6, 8]
+  assert indices(3, "release") == [0, 3, 6]
+  assert indices(64, "release") == list(range(10))
+
+
+def test_release_rules_match_their_formulas():
+  for n, rate, max_frames in [(300, 30.0, 64), (7200, 25.0, 64), (90, 29.97, 128), (10, 1.0, 4)]:
+    step = max(rate / 1.0, n / (max_frames + 1))
+    want = [int(i * step) for i in range(max_frames) if int(i * step) < n]
+    assert list(video_lib.release_file_indices(n, rate, 1.0, max_frames)) == want
+  for n, max_frames in [(10, 4), (100, 64), (7, 64), (4096, 4096)]:
+    target = int(min(n * 1.0, max_frames))
+    want = [int(n / target) * i for i in range(target)]
+    assert list(video_lib.release_dir_indices(n, 1.0, max_frames)) == want
+
+
+def test_frame_directory_natural_sort(tmp_path):
+  folder = tmp_path / "frames"
+  os.makedirs(folder)
+  for i in range(12):     # frame_2 must come before frame_10
+    Image.fromarray(np.full((20, 20, 3), 20 * i, np.uint8)).save(folder / f"frame_{i}.png")
+  v = video_lib.load_video(str(folder), 14, max_frames=12)
   grey = np.round((v[:, 7, 7, 0] * 0.229 + 0.485) * 255 / 20).astype(int)
-  assert v.shape == (5, 14, 14, 3)
-  assert list(grey) == [1, 3, 5, 7, 9]  # uniform: middle of each of 5 slots
+  assert list(grey) == list(range(12))
+
+
+def test_wide_frames_are_padded_with_the_mean_colour(tmp_path):
+  folder = tmp_path / "wide"
+  os.makedirs(folder)
+  Image.fromarray(np.full((20, 40, 3), 255, np.uint8)).save(folder / "0.png")   # 40 x 20 white
+  padded = video_lib.load_video(str(folder), 40, max_frames=1)[0]
+  stretched = video_lib.load_video(str(folder), 40, max_frames=1, pad_square=False)[0]
+  pixels = lambda v: np.round((v * np.array([0.229, 0.224, 0.225]) +
+                               np.array([0.485, 0.456, 0.406])) * 255)
+  # The release centres the frame on a square of the ImageNet mean (123, 116, 103).
+  np.testing.assert_array_equal(pixels(padded[0, 0]), [123, 116, 103])
+  np.testing.assert_array_equal(pixels(padded[39, 20]), [123, 116, 103])
+  np.testing.assert_array_equal(pixels(padded[20, 20]), [255, 255, 255])
+  np.testing.assert_array_equal(pixels(stretched[0, 0]), [255, 255, 255])
 
 
 def test_sample_times_cap():

@@ -42,9 +42,11 @@ class PrepareSample:
   record {"skip": reason, "where": "file:line", "message", "source"} for unusable samples."""
 
   def __init__(self, *, tokenizer: str, tile: int, max_tiles: int, tokens_per_tile: int,
-               max_frames: int, fps: float, seq_len: int, truncate: bool):
+               max_frames: int, fps: float, seq_len: int, truncate: bool,
+               video_sampling: str = "release"):
     self.tokenizer_path, self.tile, self.max_tiles = tokenizer, tile, max_tiles
     self.tpt, self.max_frames, self.fps = tokens_per_tile, max_frames, fps
+    self.video_sampling = video_sampling
     self.seq_len, self.truncate = seq_len, truncate
 
   def __call__(self, record: dict) -> dict:
@@ -95,7 +97,8 @@ class PrepareSample:
     if not os.path.exists(path):
       raise SampleError("missing_file", f"video {path!r} does not exist")
     try:
-      return video_lib.load_video(path, self.tile, self.max_frames, self.fps)
+      return video_lib.load_video(path, self.tile, self.max_frames, self.fps,
+                                  sampling=self.video_sampling)
     except Exception as e:  # noqa: BLE001 - PyAV / pillow errors
       raise SampleError("corrupt_video", f"video {path!r} cannot be decoded: {e}") from e
 
@@ -120,7 +123,8 @@ def make_prepare(config) -> PrepareSample:
   return PrepareSample(
       tokenizer=data.tokenizer, tile=config.model.vision.image_size, max_tiles=data.max_tiles,
       tokens_per_tile=tokens_per_tile(config.model), max_frames=data.max_frames,
-      fps=data.video_fps, seq_len=data.seq_len, truncate=data.truncate_long_samples)
+      fps=data.video_fps, seq_len=data.seq_len, truncate=data.truncate_long_samples,
+      video_sampling=data.get("video_sampling", "release"))
 
 
 def add_context_index(batch: dict, context_ids: tuple[int, ...]) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from vita_jax.data.video import SAMPLING_RULES
 from vita_jax.errors import ConfigError
 from vita_jax.parallel.mesh import resolve_mesh_shape
 from vita_jax.spec.model import DTYPES, REMAT_POLICIES
@@ -66,6 +67,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
          f"{data.global_batch_size} / grad_accum {train.grad_accum}) does not divide over "
          f"data*fsdp={batch_shards} devices; use a multiple of {batch_shards} or change "
          "--config.mesh.data / --config.mesh.fsdp")
+  sampling = data.get("video_sampling", "release")
+  _check(sampling in SAMPLING_RULES,
+         f"data.video_sampling={sampling!r}; use one of {', '.join(SAMPLING_RULES)}")
   bad = [m for m in train.trainable if m not in TRAINABLE]
   _check(not bad, f"train.trainable has {bad[0] if bad else ''!r}; choose from "
          f"{', '.join(TRAINABLE)}")
