@@ -9,6 +9,8 @@ import sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Threads for 8 fake devices; vita_jax/__init__.py explains why (it sets the same when imported).
+os.environ.setdefault("PJRT_NPROC", "64")
 # Keep intra-op threads modest: pytest-xdist runs two workers on two cores.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -7,17 +7,23 @@ tokens, with ring attention over a sequence mesh axis.
 """
 
 import os
+import re
 
 __version__ = "0.1.0"
 
-# XLA:CPU's concurrency-optimised scheduler may order independent collectives differently on
-# different (fake) CPU devices; with the ring's ppermutes next to GSPMD's gradient all-reduces
-# the devices then wait on each other until the 40 s rendezvous timeout aborts the process
-# (seen in the trainer on a data=2 x seq=4 mesh). This flag only affects the CPU backend and
-# must be in XLA_FLAGS before that backend starts; an explicit user setting wins.
-_CPU_ORDER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
-if _CPU_ORDER_FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_CPU_ORDER_FLAG}=false").strip()
+# XLA:CPU runs every (fake) device of a process on one thread pool, sized by default to the
+# number of cores. A device waiting in a collective holds a pool thread, and XLA:CPU starts a
+# program's collectives in order without waiting for the previous one to finish, so with many
+# fake devices on few cores the waiting threads can take the whole pool while the peers they
+# wait for have no thread left: the process stops at XLA's rendezvous timeout (seen in training
+# on fsdp=4 x seq=2, 2 of 3 runs on 2 cores; 0 of 3 with a larger pool). A pool of 8 threads per
+# fake device removes the starvation; it only applies with several host devices and when the
+# user has not chosen a size. It must be set before JAX creates its CPU client.
+_FAKE_DEVICES = re.search(r"--xla_force_host_platform_device_count=(\d+)",
+                          os.environ.get("XLA_FLAGS", ""))
+if _FAKE_DEVICES and int(_FAKE_DEVICES.group(1)) > 1 and not (
+    os.environ.get("PJRT_NPROC") or os.environ.get("NPROC")):
+  os.environ["PJRT_NPROC"] = str(max(os.cpu_count() or 1, 8 * int(_FAKE_DEVICES.group(1))))
 
 
 def load_pretrained(path, dtype="float32", **kwargs):
