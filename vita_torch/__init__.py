@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 
-def load_pretrained(path: str, dtype=torch.float32, device="auto"):
+def load_pretrained(path: str, dtype=torch.float32, device="auto", tokenizer: str = ""):
   """Load an HF directory of either layout (docs/design.md#contracts) as a `LongVITAForCausalLM` in
   eval mode."""
   from vita_torch.device import resolve_device
@@ -19,7 +19,7 @@ def load_pretrained(path: str, dtype=torch.float32, device="auto"):
 
   if isinstance(dtype, str):
     dtype = getattr(torch, dtype)
-  cfg, state = read_checkpoint(path)
+  cfg, state = read_checkpoint(path, tokenizer)
   with torch.device("meta"):
     model = LongVITAForCausalLM(cfg)
   state = {k: v for k, v in state.items()

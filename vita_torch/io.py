@@ -22,13 +22,9 @@ from safetensors.torch import load_file, save_file
 
 # config.json <-> ConfigDict and the key tables are vita_jax's (numpy only, no JAX import), so
 # both frameworks read a checkpoint the same way.
-from vita_jax.spec.hf_config import hf_config_from_model_config, model_config_from_hf
+from vita_jax.data.tokenizer import checkpoint_model_config
+from vita_jax.spec.hf_config import hf_config_from_model_config
 from vita_jax.spec.hf_mapping import canonical_key, ignorable_keys, rule_keys, rules
-
-
-def read_json(path: str) -> dict:
-  with open(os.path.join(path, "config.json")) as f:
-    return json.load(f)
 
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -73,12 +69,10 @@ def to_long_vita_keys(state: dict[str, torch.Tensor], cfg, layout: str) -> dict:
   return out
 
 
-def read_checkpoint(path: str):
-  """(model ConfigDict, state dict with long_vita keys) of an HF directory of either layout."""
-  if not os.path.isfile(os.path.join(path, "config.json")):
-    raise FileNotFoundError(f"{path!r} has no config.json; pass a Hugging Face checkpoint "
-                            "directory (e.g. one written by `python -m vita_jax.convert`)")
-  cfg = model_config_from_hf(read_json(path))
+def read_checkpoint(path: str, tokenizer: str = ""):
+  """(model ConfigDict, state dict with long_vita keys) of an HF directory of either layout;
+  token ids as vita_jax.data.tokenizer.checkpoint_model_config reads them."""
+  cfg = checkpoint_model_config(path, tokenizer)
   return cfg, to_long_vita_keys(read_safetensors(path), cfg, cfg.layout)
 
 

@@ -26,6 +26,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from vita_jax.data.tokenizer import checkpoint_model_config
 from vita_jax.spec.hf_config import (
   detect_layout,
   hf_config_from_model_config,
@@ -142,15 +143,15 @@ def _state_shapes(state) -> dict:
 
 
 def load_pretrained(path: str, dtype="float32", *, compute_dtype=None, mesh=None,
-                    config_overrides: Mapping | None = None):
+                    config_overrides: Mapping | None = None, tokenizer: str = ""):
   """A LongVITA model with the weights of HF directory `path` (either layout).
 
   dtype: parameter dtype; compute_dtype defaults to it. `model.config` is the model ConfigDict
   derived from config.json (with `layout` set). `config_overrides` (e.g. {"remat": "full"})
-  are applied to that ConfigDict before the model is built.
+  are applied to that ConfigDict before the model is built. The special-token ids come from
+  config.json, else from `tokenizer` or the tokenizer files in `path` (checkpoint_model_config).
   """
-  hf = read_hf_config(path)
-  cfg = model_config_from_hf(hf)
+  cfg = checkpoint_model_config(path, tokenizer)
   cfg.param_dtype = jnp.dtype(dtype).name
   cfg.compute_dtype = jnp.dtype(compute_dtype or dtype).name
   cfg.remat = "none"

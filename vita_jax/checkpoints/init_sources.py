@@ -16,12 +16,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from vita_jax.checkpoints.hf import (
-  SafetensorsDir,
-  abstract_model,
-  model_config_from_hf,
-  read_hf_config,
-)
+from vita_jax.checkpoints.hf import SafetensorsDir, abstract_model
+from vita_jax.data.tokenizer import checkpoint_model_config
 from vita_jax.spec.hf_mapping import params_from_hf, rule_keys, rules
 
 VISION_PREFIX = "model.vision_model."
@@ -59,7 +55,7 @@ def read_weights(path: str, model_cfg, part: str | None = None) -> dict[tuple, n
   config's shapes are used and the part's keys must all be there with those shapes.
   """
   if part is None:
-    cfg = model_config_from_hf(read_hf_config(path))
+    cfg = checkpoint_model_config(path)
     tensors = SafetensorsDir(path, cfg.layout)
     return dict(params_from_hf(tensors, cfg, cfg.layout, _shapes(cfg)))
   if part not in ("llm", "vision"):

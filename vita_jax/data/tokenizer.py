@@ -82,9 +82,9 @@ def load_tokenizer(path: str) -> Tokenizer:
     return _load(path)
 
 
-def check_token_ids(tok: Tokenizer, tokens_cfg) -> None:
-  """Raise ConfigError when config.model.tokens disagrees with the tokenizer."""
-  want = {
+def token_ids(tok: Tokenizer) -> dict[str, int]:
+  """The `config.model.tokens` fields this tokenizer implies."""
+  return {
       "pad_id": tok.pad_id, "eos_id": tok.eos_id,
       "img_start_id": tok.ids["<img>"], "img_end_id": tok.ids["</img>"],
       "img_context_id": tok.ids["<IMG_CONTEXT>"], "vid_start_id": tok.ids["<vid>"],
@@ -92,7 +92,49 @@ def check_token_ids(tok: Tokenizer, tokens_cfg) -> None:
       "patch_start_id": tok.ids["<patch>"], "patch_end_id": tok.ids["</patch>"],
       "patch_context_id": tok.ids["<PATCH_CONTEXT>"],
   }
-  for key, value in want.items():
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json")
+
+
+def has_tokenizer(path: str) -> bool:
+  """Whether `path` holds tokenizer files (tokenizer.json, or vocab.json + merges.txt)."""
+  return bool(path) and (os.path.isfile(os.path.join(path, "tokenizer.json")) or (
+      os.path.isfile(os.path.join(path, "vocab.json"))
+      and os.path.isfile(os.path.join(path, "merges.txt"))))
+
+
+def checkpoint_token_ids(model_dir: str, tokenizer: str = "") -> dict[str, int] | None:
+  """Token ids from `tokenizer`, else from the tokenizer files inside `model_dir`, else None."""
+  for path in (tokenizer, model_dir):
+    if path and has_tokenizer(path):
+      return token_ids(load_tokenizer(path))
+  if tokenizer:
+    raise ConfigError(f"--tokenizer={tokenizer!r} holds no tokenizer.json (nor vocab.json + "
+                      "merges.txt)")
+  return None
+
+
+def checkpoint_model_config(model_dir: str, tokenizer: str = ""):
+  """config.model of an HF checkpoint directory, its token ids read off the checkpoint's
+  tokenizer when config.json does not list them (see spec.hf_config.model_config_from_hf)."""
+  import json
+
+  from vita_jax.spec.hf_config import model_config_from_hf
+  path = os.path.join(model_dir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{model_dir!r} has no config.json; pass a Hugging Face checkpoint "
+                            "directory (e.g. one written by `python -m vita_jax.convert`)")
+  with open(path) as f:
+    hf = json.load(f)
+  ids = None if hf.get("vita_special_tokens") else checkpoint_token_ids(model_dir, tokenizer)
+  return model_config_from_hf(hf, ids, source=model_dir)
+
+
+def check_token_ids(tok: Tokenizer, tokens_cfg) -> None:
+  """Raise ConfigError when config.model.tokens disagrees with the tokenizer."""
+  for key, value in token_ids(tok).items():
     if key in tokens_cfg and tokens_cfg[key] != value:
       raise ConfigError(
           f"config.model.tokens.{key}={tokens_cfg[key]} but tokenizer {tok.path!r} gives "

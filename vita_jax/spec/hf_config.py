@@ -22,6 +22,8 @@ InternVLVisionConfig). Its single `image_token_id` becomes `tokens.image_token_i
 
 from __future__ import annotations
 
+import sys
+
 from vita_jax.spec import tokens as spec_tokens
 from vita_jax.spec.model import llm_config, model_config, vision_config
 
@@ -83,12 +85,32 @@ def _default_tokens(eos, pad):
       pad_id=spec_tokens.QWEN_PAD_ID if pad is None else int(pad))
 
 
+def _tokens(hf: dict, token_ids: dict | None, eos, pad, source: str):
+  """config.model.tokens by the rule of model_config_from_hf."""
+  tokens = _default_tokens(eos, pad)
+  written = hf.get("vita_special_tokens") or {}
+  if not written and not token_ids:
+    print(f"warning: {source or 'the checkpoint'} has no vita_special_tokens in config.json and "
+          "no tokenizer; assuming the Qwen2.5 ids (<img>=151665 ...). Pass the tokenizer "
+          "directory (--tokenizer=DIR) if the model was built on another vocabulary.",
+          file=sys.stderr)
+  for key, value in {**(token_ids or {}), **written}.items():
+    tokens[key] = int(value)
+  return tokens
+
+
 def _first(v):
   return v[0] if isinstance(v, (list, tuple)) else v
 
 
-def model_config_from_hf(hf: dict):
-  """Our model ConfigDict (the vita_jax.spec.model schema) from an HF config.json dict."""
+def model_config_from_hf(hf: dict, token_ids: dict | None = None, *, source: str = ""):
+  """Our model ConfigDict (the vita_jax.spec.model schema) from an HF config.json dict.
+
+  The special-token ids come from, in this order: the file's `vita_special_tokens` (written by
+  every vita_jax writer, in both layouts); `token_ids` read off the checkpoint's tokenizer
+  (vita_jax.data.tokenizer.token_ids: the visual tokens added in order where absent, as the
+  release does); else the Qwen2.5 ids, with a warning naming `source`.
+  """
   layout = detect_layout(hf)
   # Vision, LLM, projector and tokens are all replaced below, from the file.
   cfg = model_config(size="hf", layout=layout, vision=vision_config(448, 14, 1024, 24, 16, 4096),
@@ -109,11 +131,14 @@ def model_config_from_hf(hf: dict):
     ls_init = float(vis.get("layer_scale_init_value", 0.1))
     cfg.projector = dict(hidden_size=cfg.llm.hidden_size, bias=True, pre_norm=True,
                          layer_norm_eps=1e-5)
-    cfg.tokens = _default_tokens(_first(text.get("eos_token_id")), text.get("pad_token_id"))
-    # InternVL marks images with one token; the Long-VITA context tokens are disabled.
-    cfg.tokens.image_token_id = int(hf.get("image_token_id", 151667))
-    cfg.tokens.img_context_id = cfg.tokens.image_token_id
-    cfg.tokens.patch_context_id = cfg.tokens.vid_context_id = -1
+    cfg.tokens = _tokens(hf, token_ids, _first(text.get("eos_token_id")),
+                         text.get("pad_token_id"), source)
+    # InternVL marks images with one token (also replaced by visual features).
+    cfg.tokens.image_token_id = int(hf.get("image_token_id", cfg.tokens.img_context_id))
+    if not hf.get("vita_special_tokens") and not token_ids:
+      # A transformers InternVL checkpoint: its only visual token is the image token.
+      cfg.tokens.img_context_id = cfg.tokens.image_token_id
+      cfg.tokens.patch_context_id = cfg.tokens.vid_context_id = -1
   else:
     vis = hf.get("visual") or hf.get("vision_config")
     _require(vis is not None, "config.json has neither 'visual' nor 'vision_config'")
@@ -126,9 +151,8 @@ def model_config_from_hf(hf: dict):
     cfg.projector = dict(hidden_size=int(proj.get("hidden_size", vis["hidden_size"])),
                          bias=bool(proj.get("bias", False)), pre_norm=True,
                          layer_norm_eps=float(proj.get("layer_norm_eps", 1e-5)))
-    cfg.tokens = _default_tokens(_first(hf.get("eos_token_id")), hf.get("pad_token_id"))
-    for k, v in (hf.get("vita_special_tokens") or {}).items():
-      cfg.tokens[k] = int(v)
+    cfg.tokens = _tokens(hf, token_ids, _first(hf.get("eos_token_id")), hf.get("pad_token_id"),
+                         source)
   _require(vis.get("hidden_act", "gelu") == "gelu", f"vision act {vis.get('hidden_act')}")
   cfg.vision = vision_config(_side(vis["image_size"]), _side(vis["patch_size"]),
                             int(vis["hidden_size"]), int(vis["num_hidden_layers"]),
@@ -202,6 +226,9 @@ def hf_config_from_model_config(cfg, layout: str, dtype: str = "float32") -> dic
             use_mean_pooling=True, use_absolute_position_embeddings=True,
             use_mask_token=False),
         image_token_id=int(image_token), image_seq_length=spec_tokens.tokens_per_tile(cfg),
+        # Not read by transformers; keeps every Long-VITA token id through a conversion.
+        vita_special_tokens={k: int(cfg.tokens[k]) for k in _VITA_TOKEN_FIELDS
+                             if k in cfg.tokens},
         downsample_ratio=cfg.downsample_ratio, projector_hidden_act="gelu",
         vision_feature_layer=-1, vision_feature_select_strategy="default",
         tie_word_embeddings=bool(cfg.llm.tie_embeddings))
