@@ -9,8 +9,10 @@
 # other XLA flags are kept), JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, which
 # `vita_jax.train` reads. Output lines are prefixed [p0], [p1], ... When a process fails, the
 # others are stopped (TERM, then KILL after LOCAL_KILL_GRACE seconds, default 5) and the launcher
-# exits with the first failing exit code; it exits 0 when every process does. --dry-run prints
-# the exact commands instead of running them.
+# exits with the first failing exit code; it exits 0 when every process does. Exit code 143
+# (a worker saved a checkpoint after a SIGTERM) is not a failure: the others, which save the
+# same step, are left to finish, and the launcher exits 143. --dry-run prints the exact
+# commands instead of running them.
 set -euo pipefail
 
 show_help() {  # the header comment of this file, then exit 0
@@ -70,17 +72,19 @@ if [[ $dry_run == 1 ]]; then
 fi
 
 pids=()
-stop_all() {  # TERM every process group still running, KILL what survives the grace period
+stop_all() {  # TERM every process group still running, KILL what survives the grace ($1 s)
   local pid
   for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-  local deadline=$((SECONDS + ${LOCAL_KILL_GRACE:-5}))
+  local deadline=$((SECONDS + ${1:-${LOCAL_KILL_GRACE:-5}}))
   for pid in "${pids[@]}"; do
     while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
     kill -KILL -- "-$pid" 2>/dev/null || true
   done
 }
 trap 'stop_all; exit 130' INT
-trap 'stop_all; exit 143' TERM
+# A TERM to the launcher is a preemption notice: the workers agree on a step, save it and exit
+# 143, so they get LOCAL_PREEMPT_GRACE seconds (default 120) before being killed.
+trap 'stop_all "${LOCAL_PREEMPT_GRACE:-120}"; exit 143' TERM
 
 for ((i = 0; i < nproc; i++)); do
   mapfile -t env_words < <(worker_env "$i")
@@ -101,6 +105,10 @@ while ((${#live[@]} > 0)); do
   next=()
   for pid in "${live[@]}"; do [[ "$pid" == "$finished" ]] || next+=("$pid"); done
   live=("${next[@]}")
+  if ((code == 143)); then   # preempted: it saved with the others, which exit 143 too
+    status=143
+    continue
+  fi
   if ((code != 0)); then
     for ((i = 0; i < nproc; i++)); do [[ "${pids[$i]}" == "$finished" ]] && who=$i; done
     echo "[launch] process $who exited with code $code; stopping the others" >&2

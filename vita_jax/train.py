@@ -174,8 +174,7 @@ def train(config, workdir: str, devices=None) -> dict:
     peak = flops_lib.measure_peak_flops()
     print(f"measured peak: {peak / 1e9:.1f} GFLOP/s (fp32 matmul, whole machine)", flush=True)
 
-  preempted = {"flag": False}
-  signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+  preempted_at = _preemption_check()
 
   def save(step: int, force: bool = False):
     ckpt.save(step, {"state": state, "frozen": frozen}, data_iter.get_state(),
@@ -208,14 +207,14 @@ def train(config, workdir: str, devices=None) -> dict:
     state, metrics = step_fn(state, frozen, global_batch(stacked, mesh, shard))
     done = step + 1
     progress.update(1)
+    stop = preempted_at(done)
     if previous is not None:     # one step late, so the host never waits on the device
       check_finite(previous, done - 1)
     previous = metrics
 
     eval_now = evaluate is not None and (done % train_cfg.eval_every == 0
                                          or done == train_cfg.steps)
-    log_now = (done % train_cfg.log_every == 0 or done == train_cfg.steps or eval_now
-               or preempted["flag"])
+    log_now = (done % train_cfg.log_every == 0 or done == train_cfg.steps or eval_now or stop)
     if log_now:
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - window_start
@@ -234,17 +233,34 @@ def train(config, workdir: str, devices=None) -> dict:
       check_finite(metrics, done)
       window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
 
-    if (done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps
-        or preempted["flag"]):
-      save(done, force=preempted["flag"])
-    if preempted["flag"]:
+    if done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps or stop:
+      save(done, force=stop)
+    if stop:
       ckpt.close()
+      writer.close()
       print(f"SIGTERM: saved a checkpoint at step {done}; exiting", flush=True)
       sys.exit(143)
   progress.close()
   ckpt.close()
   writer.close()
   return last
+
+
+def _preemption_check():
+  """step -> whether to save and stop now, after a SIGTERM (a preemption notice).
+
+  One process: the step after its own SIGTERM. Several: JAX's preemption service passes a
+  SIGTERM received by any process to all of them and picks one step they all reach
+  (`reached_preemption_sync_point`, called by every process at every step), so all save the
+  same step together. The service installs its own SIGTERM handler, so ours is only for one
+  process.
+  """
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.reached_preemption_sync_point
+  flag = {"set": False}
+  signal.signal(signal.SIGTERM, lambda *_: flag.update(set=True))
+  return lambda step: flag["set"]
 
 
 def _report_config_changes(path: str, config) -> None:
