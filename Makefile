@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 QUICK ?= 0
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup train test bench lint clean-venv
+.PHONY: setup setup-cuda train test bench lint clean-venv
 
 setup: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+# NVIDIA GPUs: the CUDA 13 plugin of the locked JAX (the lock's flax imports with it). Not part
+# of `make setup`: CI and the tests are CPU-only.
+setup-cuda: setup
+	$(PY) -m pip install -q "jax[cuda13]==$$(sed -n 's/^jax==//p' requirements.lock)"
 
 train: setup
 	$(PY) -m vita_jax.train --config=configs/stage2.py:tiny --workdir=runs/demo
