@@ -64,17 +64,17 @@ def _config(size: str, batch: int, seq: int):
 def jax_setup(config):
   """-> (model, step(state) -> state, state, frozen, first-step loss fn)."""
   import jax
-  import jax.numpy as jnp
 
   from vita_jax.parallel.mesh import make_mesh
   from vita_jax.train import build_model
   from vita_jax.training import optim
   from vita_jax.training import step as train_step
+  from vita_jax.training.state import initial_state, split_model
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
   model = build_model(config, mesh)
-  split, params, frozen = train_step.split_model(model, tuple(config.train.trainable))
+  split, params, frozen = split_model(model, tuple(config.train.trainable))
   tx, schedule = optim.make_optimizer(params, split.trainable_axes, config.train)
-  state = dict(params=params, opt_state=tx.init(params), step=jnp.int32(0))
+  state = initial_state(tx, params)
   step = jax.jit(train_step.make_train_step(split, tx, schedule, config), donate_argnums=(0,))
   return model, step, state, frozen
 

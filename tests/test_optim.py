@@ -7,7 +7,7 @@ import pytest
 from configs import stage2
 from vita_jax.train import build_model
 from vita_jax.training import optim
-from vita_jax.training import step as train_step
+from vita_jax.training.state import split_model
 
 
 def test_schedule_warms_up_then_decays_to_min():
@@ -25,8 +25,7 @@ def test_schedule_warms_up_then_decays_to_min():
 
 def test_vit_lr_multiplier_and_layer_decay_follow_depth():
   config = stage2.get_config("tiny")
-  split, params, _ = train_step.split_model(build_model(config, None), ("vision", "projector",
-                                                                         "llm"))
+  split, params, _ = split_model(build_model(config, None), ("vision", "projector", "llm"))
   mult = optim.lr_multipliers(params, split.trainable_axes, config.train)
   depth = config.model.vision.num_layers
   layer = np.asarray(mult["vision"]["layers"]["qkv_kernel"]).reshape(-1)

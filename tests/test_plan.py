@@ -6,6 +6,7 @@ fake CPU devices; they take tens of seconds each, hence a shortened sequence and
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -20,8 +21,8 @@ from vita_jax import plan
 from vita_jax.cli import load_config_file
 from vita_jax.models.vlm import LongVITA
 from vita_jax.parallel.mesh import make_mesh
-from vita_jax.training import memory_model
-from vita_jax.training import step as train_step
+from vita_jax.training import memory_model, optim
+from vita_jax.training import state as train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,20 +49,28 @@ def test_param_table_matches_the_model(size):
   assert table == real
 
 
-def test_local_param_bytes_match_the_real_shardings():
+def _local_bytes(tree, shardings, min_ndim=0):
+  return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))
+             if x.ndim >= min_ndim)
+
+
+def test_local_param_and_adam_bytes_match_the_train_state_shardings():
   config = _config("configs/stage3.py:tiny")
   shape = dict(data=1, fsdp=2, seq=2, tensor=2)
   mesh = make_mesh(shape)
   model = nnx.eval_shape(lambda: LongVITA(config.model, rngs=nnx.Rngs(0), mesh=mesh))
-  split, params, frozen = train_step.split_model(model, tuple(config.train.trainable))
-  real = 0
-  for tree, axes in ((params, split.trainable_axes), (frozen, split.frozen_axes)):
-    shardings = train_step.shardings_like(tree, axes, mesh)
-    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-      real += math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+  split, params, frozen = train_state.split_model(model, tuple(config.train.trainable))
+  tx, _ = optim.make_optimizer(params, split.trainable_axes, config.train)
+  state_sh, frozen_sh = train_state.state_shardings(tx, split, params, frozen, mesh)
+  shapes = jax.eval_shape(functools.partial(train_state.initial_state, tx), params)
+  real = _local_bytes(shapes["params"], state_sh["params"]) + _local_bytes(frozen, frozen_sh)
   est = memory_model.estimate(config, shape)
   assert est.kept["params (master, all modules)"] == real
   assert 0 < real < sum(math.prod(p.shape) * 4 for p in memory_model.param_table(config.model))
+  # Adam's mu and nu (the scalar counters aside) are sharded like their parameters.
+  assert est.kept["optimizer (Adam mu + nu)"] == _local_bytes(
+      shapes["opt_state"], state_sh["opt_state"], min_ndim=1)
 
 
 def test_more_sequence_shards_need_less_activation_memory():

@@ -16,6 +16,7 @@ from vita_jax.train import build_model, train
 from vita_jax.training import optim
 from vita_jax.training import step as train_step
 from vita_jax.training.metrics import read_metrics
+from vita_jax.training.state import split_model
 
 
 def _small(config, steps=2, seq_len=256, batch=2):
@@ -74,7 +75,7 @@ def _one_step(config, batches, sgd=False):
   """One train step; with `sgd` the update is exactly -gradient (lr 1), to compare gradients."""
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
   model = build_model(config, mesh)
-  split, params, frozen = train_step.split_model(model, tuple(config.train.trainable))
+  split, params, frozen = split_model(model, tuple(config.train.trainable))
   tx, schedule = optim.make_optimizer(params, split.trainable_axes, config.train)
   if sgd:
     tx = optax.apply_if_finite(optax.sgd(1.0), 5)
@@ -121,7 +122,7 @@ def test_nonfinite_gradient_step_is_skipped():
   batches = _synthetic_batches(1, 2, 64, config.model.llm.vocab_size)
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
   model = build_model(config, mesh)
-  split, params, frozen = train_step.split_model(model, tuple(config.train.trainable))
+  split, params, frozen = split_model(model, tuple(config.train.trainable))
   # Poison one trainable weight with a NaN: the loss is NaN, the update must be skipped.
   key = sorted(train_state_flat(params))[0]
   poisoned = jax.tree.map(lambda x: x, params)

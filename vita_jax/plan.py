@@ -14,6 +14,7 @@ prediction.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 import os
@@ -211,14 +212,14 @@ def compiled_memory(config, shape: dict[str, int]) -> dict[str, int]:
   """XLA's per-device memory analysis of the jitted train step on the local devices, built the
   way vita_jax.train builds it (abstract state: nothing is allocated)."""
   import jax
-  import optax
   from flax import nnx
-  from jax.sharding import NamedSharding, PartitionSpec
+  from jax.sharding import NamedSharding
 
   from vita_jax.models.vlm import LongVITA
   from vita_jax.parallel.mesh import make_mesh
   from vita_jax.parallel.sharding import logical_to_spec
   from vita_jax.training import optim
+  from vita_jax.training import state as train_state
   from vita_jax.training import step as train_step
 
   n = math.prod(shape.values())
@@ -227,24 +228,13 @@ def compiled_memory(config, shape: dict[str, int]) -> dict[str, int]:
                       "choose a smaller --mesh (tests use 8 fake CPU devices)")
   mesh = make_mesh(shape, jax.devices()[:n])
   model = nnx.eval_shape(lambda: LongVITA(config.model, rngs=nnx.Rngs(0), mesh=mesh))
-  split, params, frozen = train_step.split_model(model, tuple(config.train.trainable))
+  split, params, frozen = train_state.split_model(model, tuple(config.train.trainable))
   tx, schedule = optim.make_optimizer(params, split.trainable_axes, config.train)
 
-  def placed(tree, axes):
-    shardings = train_step.shardings_like(tree, axes, mesh)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
-
-  params, frozen = placed(params, split.trainable_axes), placed(frozen, split.frozen_axes)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  # Adam moments sharded like their parameters; counters replicated.
-  opt_state = optax.tree_map_params(
-      tx, lambda p, like: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=like.sharding),
-      jax.eval_shape(tx.init, params), params,
-      transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated))
-  state = dict(params=params, opt_state=opt_state,
-               step=jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=replicated))
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  state_sh, frozen_sh = train_state.state_shardings(tx, split, params, frozen, mesh)
+  shapes = jax.eval_shape(functools.partial(train_state.initial_state, tx), params)
+  state = train_state.abstract_like(shapes, state_sh)
+  frozen = train_state.abstract_like(frozen, frozen_sh)
 
   accum = max(int(config.train.grad_accum), 1)
   rows, seq = config.data.global_batch_size // accum, config.data.seq_len

@@ -105,12 +105,12 @@ def load_initial_weights(config, model) -> None:
 def train(config, workdir: str, devices=None) -> dict:
   """Run (or resume) training; returns the last logged metrics. `devices` (default: all)
   lets tests compare meshes of different sizes in one process."""
-  import optax
   from tqdm import tqdm
 
   from vita_jax.data.pipeline import make_train_iterator
   from vita_jax.training import flops as flops_lib
   from vita_jax.training import optim
+  from vita_jax.training import state as train_state
   from vita_jax.training import step as train_step
   from vita_jax.training.metrics import MetricsWriter
 
@@ -130,21 +130,16 @@ def train(config, workdir: str, devices=None) -> dict:
   model = build_model(config, mesh)
   if ckpt.latest_step() is None:        # a resumed run has its own weights
     load_initial_weights(config, model)
-  split, params, frozen = train_step.split_model(model, tuple(train_cfg.trainable))
+  split, params, frozen = train_state.split_model(model, tuple(train_cfg.trainable))
   del model
   tx, schedule = optim.make_optimizer(params, split.trainable_axes, train_cfg)
 
-  param_sh = train_step.shardings_like(params, split.trainable_axes, mesh)
-  frozen_sh = train_step.shardings_like(frozen, split.frozen_axes, mesh)
-  params = jax.device_put(params, param_sh)
+  state_sh, frozen_sh = train_state.state_shardings(tx, split, params, frozen, mesh)
   frozen = jax.device_put(frozen, frozen_sh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  # Adam moments take their parameter's sharding; counters are replicated.
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params),
-                                 param_sh, transform_non_params=lambda _: replicated)
-  state = dict(params=params, opt_state=jax.jit(tx.init, out_shardings=opt_sh)(params),
-               step=jax.device_put(np.int32(0), replicated))
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  # Params are donated: the state holds the same (placed) buffers, not a copy.
+  state = jax.jit(functools.partial(train_state.initial_state, tx), out_shardings=state_sh,
+                  donate_argnums=(0,))(jax.device_put(params, state_sh["params"]))
+  del params
 
   step_fn = jax.jit(train_step.make_train_step(split, tx, schedule, config),
                     donate_argnums=(0,), out_shardings=(state_sh, None))
@@ -160,7 +155,8 @@ def train(config, workdir: str, devices=None) -> dict:
   evaluate = (_make_evaluator(config, split, shape, mesh, shard) if train_cfg.eval_every
               else None)
   start_step = 0
-  abstract = {"state": jax.tree.map(_abstract, state), "frozen": jax.tree.map(_abstract, frozen)}
+  abstract = {"state": train_state.abstract_like(state, state_sh),
+              "frozen": train_state.abstract_like(frozen, frozen_sh)}
   restored = ckpt.restore(abstract) if ckpt.latest_step() is not None else None
   if restored is not None:
     start_step, tree, data_state, meta = restored
@@ -306,12 +302,6 @@ def _make_evaluator(config, split, shape, mesh, shard: DataShard):
     return loss_sum / max(count, 1.0)
 
   return evaluate
-
-
-def _abstract(x):
-  if isinstance(x, jax.Array):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-  return x
 
 
 def _scalar(value):
