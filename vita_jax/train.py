@@ -263,24 +263,15 @@ def _report_config_changes(path: str, config) -> None:
   """Resuming with a different config is allowed (e.g. more steps) but never silent."""
   if not os.path.exists(path):
     return
+  from vita_jax.checkpoints.workdir import flatten
   with open(path) as f:
-    before = _flat_dict(json.load(f))
-  after = _flat_dict(json.loads(config.to_json()))
-  changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
-             if before.get(k) != after.get(k)]
+    before = flatten(json.load(f))
+  after = flatten(json.loads(config.to_json()))
+  changed = [f"{'.'.join(k)}: {before.get(k)!r} -> {after.get(k)!r}"
+             for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
   if changed:
     print("note: this workdir was started with a different config; now: " + "; ".join(changed)
           + " (the LR schedule follows the new train.steps)", flush=True)
-
-
-def _flat_dict(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat_dict(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 def _make_evaluator(config, split, shape, mesh, shard: DataShard):

@@ -40,6 +40,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
+  """Nested dicts -> {key path tuple: leaf}."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict):
