@@ -2,20 +2,23 @@
 
 Saves are asynchronous, the last `keep` are kept, and restoring walks back from the newest:
 orbax never exposes a half-written (uncommitted) step, and a committed one that fails to load
-is reported and skipped in favour of the one before.
+is reported and skipped in favour of the one before. The trainer restores the whole state onto
+its mesh (`restore`); readers of a workdir take only the weights, on the host
+(`restore_on_host`).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import logging
 import os
 import pickle
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 def _encode_data_state(state: Any) -> dict:
@@ -71,40 +74,65 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore(self, abstract_state: Any, step: int | None = None):
+  def restore(self, abstract_state: Any):
     """(step, state, data_state, meta) of the newest loadable checkpoint, or None if none.
 
-    A newest checkpoint that fails to load is reported and the one before it used; when
-    checkpoints exist but none loads (a changed model size, trainable set or mesh), it is an
-    error rather than a silent fresh start.
+    `abstract_state` (`jax.ShapeDtypeStruct`s with shardings) is the layout to restore into.
+    When checkpoints exist but none loads (a changed model size, trainable set or mesh), it is
+    an error rather than a silent fresh start.
     """
-    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
-    errors = []
-    for candidate in steps:
-      try:
-        restored = self.manager.restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-      except Exception as e:  # unreadable or incompatible: try the previous one
-        errors.append((candidate, e))
-        logging.warning("checkpoint at step %d in %s could not be restored (%s: %s)",
-                        candidate, self.directory, type(e).__name__, e)
-        print(f"warning: checkpoint step {candidate} is unreadable ({type(e).__name__}); "
-              "falling back to the previous checkpoint", flush=True)
-        continue
+    def load(step):
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
       data = restored["data"]
-      own = self._data_state_file(candidate, jax.process_index())
+      own = self._data_state_file(step, jax.process_index())
       if jax.process_count() > 1 and os.path.exists(own):
         with open(own) as f:
           data = json.load(f)
-      return candidate, restored["state"], _decode_data_state(data), dict(restored["meta"])
+      return restored["state"], _decode_data_state(data), dict(restored["meta"])
+
+    found = self._newest_loadable(load, "If the model size, trainable modules or mesh changed, "
+                                  "start a new --workdir (and pass this one as "
+                                  "--config.init_from).")
+    return None if found is None else (found[0], *found[1])
+
+  def restore_on_host(self, *paths: tuple[str, ...]):
+    """(step, tree) of the newest loadable checkpoint, or None if none: only the subtrees of
+    the saved state at `paths` (e.g. ("state", "params")), as numpy arrays. Any device count
+    can read it, and the rest of the state (the optimizer's) is never read."""
+    def load(step):
+      path = epath.Path(self.directory) / str(step) / "state"
+      reader = ocp.PyTreeCheckpointHandler()
+      try:
+        wanted = _subtrees(reader.metadata(path).tree, paths)
+        on_host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        return reader.restore(path, args=ocp.args.PyTreeRestore(
+            wanted, restore_args=on_host, partial_restore=True))
+      finally:
+        reader.close()
+
+    return self._newest_loadable(load, "The files are damaged or incomplete; copy the workdir "
+                                 "again or train it again.")
+
+  def _newest_loadable(self, load, hint: str):
+    """(step, load(step)) for the newest step that loads. A newest checkpoint that fails is
+    reported in one line and the one before it tried; none loading is a RestoreError."""
+    errors = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return step, load(step)
+      except Exception as e:  # unreadable or incompatible: try the previous one
+        errors.append((step, e))
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"warning: checkpoint step {step} is unreadable ({type(e).__name__}: {reason}); "
+              f"trying the previous checkpoint in {self.directory}", flush=True)
     if errors:
       first_step, first = errors[0]
       raise RestoreError(
           f"none of the checkpoints in {self.directory} (steps {[s for s, _ in errors]}) could "
           f"be restored; step {first_step} failed with {type(first).__name__}: "
-          f"{str(first)[:500]}. If the model size, trainable modules or mesh changed, start a "
-          "new --workdir (and pass this one as --config.init_from).")
+          f"{str(first)[:500]}. {hint}")
     return None
 
   def wait(self) -> None:
@@ -113,3 +141,14 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _subtrees(tree: dict, paths) -> dict:
+  """The nested dict holding only `tree`'s entries at the key `paths`."""
+  out: dict = {}
+  for path in paths:
+    source, target = tree, out
+    for key in path[:-1]:
+      source, target = source[key], target.setdefault(key, {})
+    target[path[-1]] = source[path[-1]]
+  return out

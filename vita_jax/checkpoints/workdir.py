@@ -17,6 +17,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from vita_jax.checkpoints.run import Checkpointer, RestoreError
+from vita_jax.errors import InputError
+
 CONFIG_FILE = "config.json"
 
 
@@ -54,21 +57,29 @@ def _norm_key(k):
   return int(k) if isinstance(k, str) and k.isdigit() else k
 
 
-def read_workdir_params(workdir: str, step: int | None = None) -> dict[tuple, np.ndarray]:
-  """Flat {path: array} of all parameters (trainable and frozen) of a workdir checkpoint."""
-  import orbax.checkpoint as ocp
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(directory)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no complete checkpoint under {directory}")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  tree = restored["state"]
+def read_workdir_params(workdir: str) -> dict[tuple, np.ndarray]:
+  """Flat {path: host array} of all parameters (trainable and frozen) of a workdir's newest
+  loadable checkpoint; a damaged newest one is reported and the one before it used."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory} not found: {workdir!r} is not a training workdir "
+                            "written by vita_jax.train")
+  ckpt = Checkpointer(directory)
+  try:
+    found = ckpt.restore_on_host(("state", "params"), ("frozen",))
+  except RestoreError as e:
+    raise InputError(str(e)) from e
+  finally:
+    ckpt.close()
+  if found is None:
+    raise FileNotFoundError(f"no complete checkpoint under {directory}: the run stopped before "
+                            "its first save; resume it (the same train command) or pick another "
+                            "workdir")
+  tree = found[1]
   flat = {}
   for part in (tree["state"]["params"], tree["frozen"]):
     for path, value in flatten(dict(part)).items():
       flat[tuple(_norm_key(k) for k in path)] = np.asarray(value)
-  manager.close()
   return flat
 
 
