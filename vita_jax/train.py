@@ -157,7 +157,7 @@ def train(config, workdir: str, devices=None) -> dict:
   start_step = 0
   abstract = {"state": train_state.abstract_like(state, state_sh),
               "frozen": train_state.abstract_like(frozen, frozen_sh)}
-  restored = ckpt.restore(abstract) if ckpt.latest_step() is not None else None
+  restored = ckpt.restore(abstract)
   if restored is not None:
     start_step, tree, data_state, meta = restored
     state, frozen = tree["state"], tree["frozen"]
