@@ -1,6 +1,6 @@
 """Analytic per-device memory of one training step, from the config and a mesh shape alone.
 
-Parameters are listed with their logical axes exactly as the models create them and sharded by
+Parameters are read off the model (abstract shapes and logical axes) and sharded by
 `parallel.sharding.logical_to_spec`, so their bytes are exact. Activations are counted per
 decoder / vision layer from the tensors the backward pass keeps under `model.remat`, plus the
 largest short-lived buffers (one layer's recomputation, FSDP-gathered weights, attention tiles,
@@ -12,6 +12,8 @@ All sizes are bytes per device. Token counts per device: batch over data*fsdp, s
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 from typing import NamedTuple
 
@@ -37,60 +39,22 @@ class ParamInfo:
 
 
 def param_table(model: ml_collections.ConfigDict) -> list[ParamInfo]:
-  """Every parameter of LongVITA with its shape and logical axes (mirrors vita_jax/models)."""
-  v, t, pr = model.vision, model.llm, model.projector
-  out: list[ParamInfo] = []
+  """Every parameter of LongVITA with its shape and logical axes, read off the model itself
+  (`nnx.eval_shape`: abstract, nothing allocated; cached per model config)."""
+  return list(_param_table(model.to_json()))
 
-  def add(module, name, shape, axes):
-    out.append(ParamInfo(module, name, tuple(int(s) for s in shape), tuple(axes)))
 
-  d, p, n, h, m = v.hidden_size, v.patch_size, v.num_layers, v.num_heads, v.mlp_dim
-  side = v.image_size // p
-  add("vision", "patch_kernel", (p, p, 3, d), ("conv",) * 3 + ("vision_embed",))
-  add("vision", "patch_bias", (d,), ("vision_embed",))
-  add("vision", "cls_token", (d,), ("vision_embed",))
-  add("vision", "pos_embed", (1 + side * side, d), ("positions", "vision_embed"))
-  for name in ("norm1_scale", "norm1_bias", "ls1", "norm2_scale", "norm2_bias", "ls2"):
-    add("vision", f"layers.{name}", (n, d), ("layers", "norm"))
-  add("vision", "layers.qkv_kernel", (n, d, 3, h, d // h),
-      ("layers", "vision_embed", None, "vision_heads", "head_dim"))
-  add("vision", "layers.qkv_bias", (n, 3, h, d // h), ("layers", None, "vision_heads", "head_dim"))
-  add("vision", "layers.proj_kernel", (n, h, d // h, d),
-      ("layers", "vision_heads", "head_dim", "vision_embed"))
-  for name in ("proj_bias", "fc2_bias"):
-    add("vision", f"layers.{name}", (n, d), ("layers", "vision_embed"))
-  add("vision", "layers.fc1_kernel", (n, d, m), ("layers", "vision_embed", "vision_mlp"))
-  add("vision", "layers.fc1_bias", (n, m), ("layers", "vision_mlp"))
-  add("vision", "layers.fc2_kernel", (n, m, d), ("layers", "vision_mlp", "vision_embed"))
+@functools.lru_cache(maxsize=16)
+def _param_table(model_json: str) -> tuple[ParamInfo, ...]:
+  from flax import nnx
 
-  d_in = d * round(1 / model.downsample_ratio) ** 2
-  add("projector", "norm_scale", (d_in,), ("norm",))
-  add("projector", "norm_bias", (d_in,), ("norm",))
-  add("projector", "fc1_kernel", (d_in, pr.hidden_size), ("vision_embed", "mlp"))
-  add("projector", "fc2_kernel", (pr.hidden_size, t.hidden_size), ("mlp", "embed"))
-  if pr.bias:
-    add("projector", "fc1_bias", (pr.hidden_size,), ("mlp",))
-    add("projector", "fc2_bias", (t.hidden_size,), ("embed",))
-
-  n, d, f = t.num_layers, t.hidden_size, t.ffn_dim
-  hq, hkv, hd = t.num_heads, t.num_kv_heads, t.head_dim
-  add("llm", "embedding", (t.vocab_size, d), ("vocab", "embed"))
-  add("llm", "layers.attn_norm", (n, d), ("layers", "norm"))
-  add("llm", "layers.mlp_norm", (n, d), ("layers", "norm"))
-  add("llm", "layers.q_kernel", (n, d, hq, hd), ("layers", "embed", "heads", "head_dim"))
-  add("llm", "layers.q_bias", (n, hq, hd), ("layers", "heads", "head_dim"))
-  for name in ("k", "v"):
-    add("llm", f"layers.{name}_kernel", (n, d, hkv, hd),
-        ("layers", "embed", "kv_heads", "head_dim"))
-    add("llm", f"layers.{name}_bias", (n, hkv, hd), ("layers", "kv_heads", "head_dim"))
-  add("llm", "layers.o_kernel", (n, hq, hd, d), ("layers", "heads", "head_dim", "embed"))
-  for name in ("gate", "up"):
-    add("llm", f"layers.{name}_kernel", (n, d, f), ("layers", "embed", "mlp"))
-  add("llm", "layers.down_kernel", (n, f, d), ("layers", "mlp", "embed"))
-  add("llm", "final_norm", (d,), ("norm",))
-  if not t.tie_embeddings:
-    add("llm", "lm_head", (d, t.vocab_size), ("embed", "vocab"))
-  return out
+  from vita_jax.models.vlm import LongVITA
+  cfg = ml_collections.ConfigDict(json.loads(model_json))
+  abstract = nnx.eval_shape(lambda: LongVITA(cfg, rngs=nnx.Rngs(0)))
+  return tuple(
+      ParamInfo(str(path[0]), ".".join(map(str, path[1:])), tuple(var.get_value().shape),
+                tuple(var.get_metadata()["logical_axes"]))
+      for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
 
 
 def local_elements(shape, axes, mesh_shape: dict) -> int:
