@@ -24,7 +24,9 @@ import vita_jax
 from configs import base
 from vita_jax.checkpoints import hf as checkpoint_hf
 from vita_jax.convert import main as convert_main
+from vita_jax.errors import InputError
 from vita_jax.models.vlm import LongVITA
+from vita_jax.spec import hf_files
 from vita_jax.spec import model as spec_model
 from vita_jax.spec import tokens as spec_tokens
 
@@ -146,6 +148,28 @@ def test_bf16_files_load_in_either_dtype(model, tmp_path):
     rounded = v.astype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(params(as_f32)[p], rounded.astype(np.float32), err_msg=str(p))
     np.testing.assert_array_equal(params(as_bf16)[p], rounded, err_msg=str(p))
+
+
+@pytest.mark.parametrize("max_shard_bytes", [1 << 30, 20_000], ids=["one_file", "index"])
+def test_truncated_safetensors_file_is_named_as_incomplete(model, tmp_path, max_shard_bytes):
+  vita_jax.save_pretrained(model, str(tmp_path), layout="long_vita",
+                           max_shard_bytes=max_shard_bytes)
+  name = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[-1]
+  with open(tmp_path / name, "r+b") as f:
+    f.truncate(os.path.getsize(tmp_path / name) - 100)      # a download cut short
+  with pytest.raises(InputError, match=rf"{name} is incomplete") as err:
+    vita_jax.load_pretrained(str(tmp_path))
+  assert len(str(err.value).splitlines()) == 1
+  if max_shard_bytes < (1 << 30):    # with an index, only the damaged shard is refused
+    tensors = hf_files.SafetensorsDir(str(tmp_path))
+    with open(tmp_path / hf_files.INDEX) as f:
+      file_of = json.load(f)["weight_map"]
+    intact = next(k for k, v in file_of.items() if v != name)
+    np.testing.assert_array_equal(tensors[intact], load_file(str(tmp_path / file_of[intact]))[
+        intact])
+  torch_io = pytest.importorskip("vita_torch.io")
+  with pytest.raises(InputError, match=rf"{name} is incomplete"):
+    torch_io.read_checkpoint(str(tmp_path))
 
 
 def test_mismatched_checkpoint_lists_what_differs(model, tmp_path):

@@ -12,9 +12,9 @@ from safetensors.numpy import save_file
 
 from configs import stage1, stage2
 from vita_jax import save_pretrained
-from vita_jax.checkpoints.hf import SafetensorsDir
 from vita_jax.checkpoints.init_sources import VISION_PREFIX
 from vita_jax.errors import ConfigError
+from vita_jax.spec.hf_files import SafetensorsDir
 from vita_jax.train import build_model, load_initial_weights
 
 transformers = pytest.importorskip("transformers")

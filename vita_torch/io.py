@@ -18,25 +18,14 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-# config.json <-> ConfigDict and the key tables are vita_jax's (numpy only, no JAX import), so
-# both frameworks read a checkpoint the same way.
+# config.json <-> ConfigDict, the key tables and the safetensors reader are vita_jax's (no JAX
+# import), so both frameworks read a checkpoint the same way.
 from vita_jax.data.tokenizer import checkpoint_model_config
 from vita_jax.spec.hf_config import hf_config_from_model_config
+from vita_jax.spec.hf_files import SafetensorsDir
 from vita_jax.spec.hf_mapping import canonical_key, ignorable_keys, rule_keys, rules
-
-
-def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-  """All tensors of a directory's `*.safetensors` files (sharded or not)."""
-  files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-  if not files:
-    raise FileNotFoundError(f"no *.safetensors file in {path!r}; a checkpoint directory holds "
-                            "config.json and model*.safetensors")
-  state = {}
-  for name in files:
-    state.update(load_file(os.path.join(path, name)))
-  return state
 
 
 def to_long_vita_keys(state: dict[str, torch.Tensor], cfg, layout: str) -> dict:
@@ -73,7 +62,8 @@ def read_checkpoint(path: str, tokenizer: str = ""):
   """(model ConfigDict, state dict with long_vita keys) of an HF directory of either layout;
   token ids as vita_jax.data.tokenizer.checkpoint_model_config reads them."""
   cfg = checkpoint_model_config(path, tokenizer)
-  return cfg, to_long_vita_keys(read_safetensors(path), cfg, cfg.layout)
+  state = dict(SafetensorsDir(path, framework="pt"))   # sharded or not, via the index
+  return cfg, to_long_vita_keys(state, cfg, cfg.layout)
 
 
 def save_long_vita(cfg, state: dict[str, torch.Tensor], path: str) -> None:

@@ -10,7 +10,8 @@ sharding. Saving writes shards of at most `max_shard_bytes` plus `model.safetens
 Reusable pieces (for the trainer and the torch mirror):
   model_config_from_hf(hf_config) / hf_config_from_model_config(cfg, layout)
   hf_to_flat_params / flat_params_to_hf        {hf_key: array} <-> {state path: array}
-  read_hf_config(path), SafetensorsDir(path)   lazy {hf_key: np.ndarray} mapping
+  read_hf_config(path), SafetensorsDir(path)   config.json; lazy {hf_key: np.ndarray} mapping
+                                               (both from vita_jax.spec.hf_files)
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from vita_jax.data.tokenizer import checkpoint_model_config
@@ -32,9 +32,9 @@ from vita_jax.spec.hf_config import (
   hf_config_from_model_config,
   model_config_from_hf,
 )
+from vita_jax.spec.hf_files import INDEX, SafetensorsDir, read_hf_config
 from vita_jax.spec.hf_mapping import (
   LAYOUTS,
-  canonical_key,
   disk_key,
   flat_params_to_hf,
   hf_to_flat_params,
@@ -48,64 +48,7 @@ __all__ = ["load_pretrained", "save_pretrained", "read_hf_config", "SafetensorsD
            "hf_to_flat_params", "flat_params_to_hf", "check_checkpoint", "abstract_model",
            "LAYOUTS"]
 
-INDEX = "model.safetensors.index.json"
 _MAX_LISTED = 20
-
-
-def read_hf_config(path: str) -> dict:
-  file = os.path.join(path, "config.json")
-  if not os.path.exists(file):
-    raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face model directory")
-  with open(file) as f:
-    return json.load(f)
-
-
-class SafetensorsDir(Mapping):
-  """Lazy read-only {key: np.ndarray} over a directory's safetensors (sharded or not).
-
-  With `layout`, keys are given in the in-memory form of that layout (`canonical_key`).
-  """
-
-  def __init__(self, path: str, layout: str | None = None):
-    index = os.path.join(path, INDEX)
-    if os.path.exists(index):
-      with open(index) as f:
-        self._file_of = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-    else:
-      files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-      if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors files (nor {INDEX}); "
-                                "PyTorch .bin checkpoints are not supported: re-save them")
-      self._file_of = {}
-      for name in files:
-        with safe_open(os.path.join(path, name), framework="numpy") as f:
-          self._file_of.update({k: os.path.join(path, name) for k in f.keys()})
-    self._handles = {}
-    if layout is not None:
-      self._disk = {canonical_key(k, layout): k for k in self._file_of}
-    else:
-      self._disk = {k: k for k in self._file_of}
-
-  def _handle(self, key):
-    file = self._file_of[self._disk[key]]
-    if file not in self._handles:
-      self._handles[file] = safe_open(file, framework="numpy")
-    return self._handles[file]
-
-  def __getitem__(self, key) -> np.ndarray:
-    return self._handle(key).get_tensor(self._disk[key])
-
-  def shape(self, key) -> tuple[int, ...]:
-    return tuple(self._handle(key).get_slice(self._disk[key]).get_shape())
-
-  def dtype(self, key) -> str:
-    return self._handle(key).get_slice(self._disk[key]).get_dtype()
-
-  def __iter__(self):
-    return iter(self._disk)
-
-  def __len__(self):
-    return len(self._disk)
 
 
 def abstract_model(cfg, mesh=None):
@@ -247,8 +190,3 @@ class _HostParams(Mapping):
 
   def __len__(self):
     return len(self._flat)
-
-
-# Re-exported so the trainer and the torch mirror import everything from one place.
-hf_to_flat_params = hf_to_flat_params
-flat_params_to_hf = flat_params_to_hf

@@ -16,8 +16,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from vita_jax.checkpoints.hf import SafetensorsDir, abstract_model
+from vita_jax.checkpoints.hf import abstract_model
 from vita_jax.data.tokenizer import checkpoint_model_config
+from vita_jax.spec.hf_files import SafetensorsDir
 from vita_jax.spec.hf_mapping import params_from_hf, rule_keys, rules
 
 VISION_PREFIX = "model.vision_model."
