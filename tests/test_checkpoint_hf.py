@@ -22,11 +22,10 @@ from safetensors.numpy import load_file, save_file
 
 import vita_jax
 from configs import base
-from vita_jax.checkpoints import hf as checkpoint_hf
 from vita_jax.convert import main as convert_main
 from vita_jax.errors import InputError
 from vita_jax.models.vlm import LongVITA
-from vita_jax.spec import hf_files
+from vita_jax.spec import hf_config, hf_files, hf_mapping
 from vita_jax.spec import model as spec_model
 from vita_jax.spec import tokens as spec_tokens
 
@@ -196,9 +195,9 @@ def test_mismatched_checkpoint_lists_what_differs(model, tmp_path):
 @pytest.mark.parametrize("layout", ["long_vita", "internvl"])
 def test_key_table_covers_every_parameter_once(model, layout):
   flat = params(model)
-  hf = checkpoint_hf.flat_params_to_hf(flat, model.config, layout)
+  hf = hf_mapping.flat_params_to_hf(flat, model.config, layout)
   shapes = {p: v.shape for p, v in flat.items()}
-  back = checkpoint_hf.hf_to_flat_params(hf, model.config, layout, shapes)
+  back = hf_mapping.hf_to_flat_params(hf, model.config, layout, shapes)
   assert back.keys() == flat.keys()
   for p in flat:
     np.testing.assert_array_equal(back[p], flat[p], err_msg=str(p))
@@ -218,7 +217,7 @@ def test_model_config_from_hf_reads_the_release_config():
                   num_attention_heads=16, num_hidden_layers=24, layer_norm_eps=1e-6,
                   qkv_bias=True, qk_normalization=False, norm_type="layer_norm",
                   hidden_act="gelu", initializer_factor=1.0))
-  cfg = checkpoint_hf.model_config_from_hf(release)
+  cfg = hf_config.model_config_from_hf(release)
   want = base.model_config("14b")
   assert cfg.llm.to_dict() == want.llm.to_dict()
   for k in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim"):

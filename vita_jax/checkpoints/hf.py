@@ -7,11 +7,9 @@ Loading streams tensor by tensor (safetensors, memory-mapped) into an abstract m
 14B checkpoint never needs two host copies; with `mesh` each parameter goes straight to its
 sharding. Saving writes shards of at most `max_shard_bytes` plus `model.safetensors.index.json`.
 
-Reusable pieces (for the trainer and the torch mirror):
-  model_config_from_hf(hf_config) / hf_config_from_model_config(cfg, layout)
-  hf_to_flat_params / flat_params_to_hf        {hf_key: array} <-> {state path: array}
-  read_hf_config(path), SafetensorsDir(path)   config.json; lazy {hf_key: np.ndarray} mapping
-                                               (both from vita_jax.spec.hf_files)
+The framework-free pieces both frameworks use live in vita_jax.spec: config.json <-> model
+config (`hf_config`), the key tables (`hf_mapping`) and the file readers `read_hf_config` and
+`SafetensorsDir` (`hf_files`, re-exported here for the commands).
 """
 
 from __future__ import annotations
@@ -27,26 +25,18 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from vita_jax.data.tokenizer import checkpoint_model_config
-from vita_jax.spec.hf_config import (
-  detect_layout,
-  hf_config_from_model_config,
-  model_config_from_hf,
-)
+from vita_jax.spec.hf_config import detect_layout, hf_config_from_model_config
 from vita_jax.spec.hf_files import INDEX, SafetensorsDir, read_hf_config
 from vita_jax.spec.hf_mapping import (
   LAYOUTS,
   disk_key,
-  flat_params_to_hf,
-  hf_to_flat_params,
   ignorable_keys,
   params_from_hf,
   params_to_hf,
 )
 
 __all__ = ["load_pretrained", "save_pretrained", "read_hf_config", "SafetensorsDir",
-           "model_config_from_hf", "hf_config_from_model_config", "detect_layout",
-           "hf_to_flat_params", "flat_params_to_hf", "check_checkpoint", "abstract_model",
-           "LAYOUTS"]
+           "detect_layout", "check_checkpoint", "abstract_model", "LAYOUTS"]
 
 _MAX_LISTED = 20
 

@@ -119,7 +119,7 @@ class Checkpointer:
     """(step, load(step)) for the newest step that loads. A newest checkpoint that fails is
     reported in one line and the one before it tried; none loading is a RestoreError."""
     errors = []
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    for step in reversed(self.all_steps()):
       try:
         return step, load(step)
       except Exception as e:  # unreadable or incompatible: try the previous one
