@@ -6,9 +6,18 @@ STAMP := $(VENV)/.installed
 QUICK ?= 0
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup setup-cuda train test bench lint clean-venv
+.PHONY: setup browser setup-cuda train test bench lint clean-venv
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The browser test drives Debian's Chromium through chromedriver (no browser download). Installed
+# when missing and running as root; otherwise that one test is skipped with its reason.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium chromium-driver >/dev/null; } || \
+	    echo "note: chromium/chromedriver not installed (needs root and apt); the browser test will skip"; }
 
 # Re-runs only when the pinned set or the project metadata changed.
 $(STAMP): requirements.lock pyproject.toml
