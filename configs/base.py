@@ -19,7 +19,7 @@ SIZES = ("tiny", "small", "14b")
 
 
 def model_config(size: str = "14b") -> ml_collections.ConfigDict:
-  """The architecture of one size. `14b` is the release exactly (docs/design.md, "Model")."""
+  """The architecture of one size. `14b` is the release exactly (docs/design.md#model)."""
   if size == "tiny":
     # CPU demo: 1.45M parameters; 56 px tiles -> 4x4 patches -> 2x2 = 4 tokens per tile.
     return spec_model.model_config(

@@ -1,4 +1,4 @@
-"""Tokenizer ids, ChatML, the visual token layout of docs/design.md#model and the loss mask."""
+"""Tokenizer ids, ChatML, the visual token layout of docs/design.md#tokens and the loss mask."""
 
 import json
 import pathlib

@@ -188,7 +188,7 @@ def test_make_targets_exist():
 
 def test_expected_elsewhere_lists_only_absent_pages():
   present = sorted(p for p in EXPECTED_ELSEWHERE if os.path.exists(os.path.join(ROOT, p)))
-  assert not present, (f"{', '.join(present)} exist now; remove them from EXPECTED_ELSEWHERE "
+  assert not present, (f"{', '.join(present)} now exist; remove them from EXPECTED_ELSEWHERE "
                        "in tests/test_docs.py so their links and anchors are checked")
 
 

@@ -1,5 +1,4 @@
-"""Generation: context-parallel prefill and a KV cache that stays sharded
-(docs/design.md#contracts).
+"""Generation: context-parallel prefill and a sharded KV cache (docs/design.md#contracts).
 
     tokens = generate(model, input_ids, pixel_values, max_new_tokens=32, seq_shards=8)
 

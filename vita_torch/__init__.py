@@ -11,8 +11,8 @@ import torch
 
 
 def load_pretrained(path: str, dtype=torch.float32, device="auto", tokenizer: str = ""):
-  """Load an HF directory of either layout (docs/design.md#contracts) as a `LongVITAForCausalLM` in
-  eval mode."""
+  """Load an HF directory of either layout (docs/design.md#contracts) as an eval-mode
+  `LongVITAForCausalLM`."""
   from vita_torch.device import resolve_device
   from vita_torch.io import read_checkpoint
   from vita_torch.model import LongVITAForCausalLM

@@ -1,5 +1,4 @@
-"""Generation for the PyTorch mirror: KV cache, optional context parallelism
-(docs/design.md#contracts).
+"""PyTorch-mirror generation: KV cache, optional context parallelism (docs/design.md#contracts).
 
     tokens = generate(model, input_ids, pixel_values, max_new_tokens=32)          # [B, new]
 

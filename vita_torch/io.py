@@ -1,5 +1,4 @@
-"""Reading (and writing) the Hugging Face checkpoint directories of docs/design.md#contracts for
-vita_torch.
+"""vita_torch's reader (and writer) of Hugging Face directories (docs/design.md#contracts).
 
 Two layouts, told apart by `config.json`:
   long_vita  the release (`LongVITAForCausalLM`): Qwen2 fields at the top, InternViT fields under

@@ -1,5 +1,6 @@
-"""Long-VITA in plain PyTorch (docs/design.md#model): InternViT -> pixel shuffle -> projector ->
-Qwen2.
+"""Long-VITA in plain PyTorch: InternViT -> pixel shuffle -> projector -> Qwen2.
+
+The architecture is that of docs/design.md#model.
 
 Module names are the long_vita checkpoint keys (`model.vision_model.*`, `model.vision_projection.*`,
 `model.layers.N.*`, `lm_head`), so loading that layout is `load_state_dict`. Only plain ops, so

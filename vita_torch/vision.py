@@ -100,8 +100,8 @@ class InternViT(nn.Module):
 
 
 def pixel_shuffle(x, ratio: float):
-  """[T, H, W, C] -> [T, H*r, W*r, C/r^2], channels (row offset, col offset, c)
-  (docs/design.md#model)."""
+  """[T, H, W, C] -> [T, H*r, W*r, C/r^2] with channels in (row offset, col offset, c) order,
+  the order docs/design.md#model requires."""
   t, h, w, c = x.shape
   f = round(1 / ratio)
   if h % f or w % f:

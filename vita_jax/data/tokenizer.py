@@ -4,8 +4,8 @@
     tok.encode("What colour?")  ->  [ids]                  # never adds special tokens
 
 Any directory `transformers.AutoTokenizer` reads works (a real Qwen2.5 directory unchanged);
-the docs/design.md#model visual tokens are added, in order, where absent, so for Qwen2.5 `<img>` is
-151665.
+the visual tokens of docs/design.md#tokens are added, in order, where absent, so for Qwen2.5
+`<img>` is 151665.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _load(path: str) -> Tokenizer:
     from tokenizers import AddedToken
     backend = transformers.AutoTokenizer.from_pretrained(path).backend_tokenizer
   absent = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
-  if absent:  # in docs/design.md#model order, so Qwen2.5 gets <img>=151665, </img>=151666, ...
+  if absent:  # in docs/design.md#tokens order, so Qwen2.5 gets <img>=151665, </img>=151666, ...
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in absent])
   return Tokenizer(backend, path)
 

@@ -1,5 +1,5 @@
-"""Qwen2 decoder (docs/design.md#model): GQA with q/k/v bias, RoPE from explicit positions, RMSNorm,
-SwiGLU, untied or tied LM head.
+"""Qwen2 decoder (docs/design.md#model): GQA with q/k/v bias, RoPE from explicit positions,
+RMSNorm, SwiGLU, untied or tied LM head.
 
 A decoder layer is split in two pure functions so a KV cache can sit between them:
 `layer_qkv` (norm, projections, RoPE) and `layer_finish` (output projection, residual, MLP).

@@ -1,7 +1,6 @@
 """InternViT (docs/design.md#model): conv patch embedding, CLS token, learned absolute position
-embedding,
-pre-LayerNorm blocks with per-channel layer scale, bidirectional attention. No final norm
-(InternViT-300M, transformers' `use_mean_pooling=True`); the CLS output is dropped.
+embedding, pre-LayerNorm blocks with per-channel layer scale, bidirectional attention. No final
+norm (InternViT-300M, transformers' `use_mean_pooling=True`); the CLS output is dropped.
 
 Pixels come in NHWC: [tiles, H, W, 3], normalised.
 """

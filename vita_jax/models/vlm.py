@@ -1,5 +1,6 @@
 """Long-VITA: InternViT on every tile/frame -> pixel shuffle + projector -> features placed, in
-order, at the visual context tokens of a Qwen2 decoder (docs/design.md#model, §5).
+order, at the visual context tokens of a Qwen2 decoder (docs/design.md#model). The call is the
+one docs/design.md#contracts fixes.
 
     model = LongVITA(base.model_config("tiny"), rngs=nnx.Rngs(0))
     logits = model(input_ids, pixel_values)          # fp32 [B, S, V]

@@ -1,5 +1,4 @@
-"""Decode-time attention to a KV cache that stays sharded over the sequence
-(docs/design.md#contracts).
+"""Decode-time attention to a KV cache sharded over the sequence (docs/design.md#contracts).
 
 A few new queries (replicated) attend to the prompt cache sharded over a mesh axis: each shard
 takes a softmax over its own slice (`partial_attention`) and the partials are merged by

@@ -1,5 +1,4 @@
-"""Ring attention: exact attention over a sequence sharded on a mesh axis
-(docs/design.md#contracts).
+"""Ring attention: exact attention over a mesh-sharded sequence (docs/design.md#contracts).
 
 Each device keeps its query block; key/value blocks travel around the ring with `ppermute`
 together with their segment ids and positions, so the mask is right for any token layout

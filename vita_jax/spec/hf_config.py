@@ -13,8 +13,7 @@
      "vision_projection": {"hidden_size": .., "bias": .., "layer_norm_eps": ..},
                            # optional; release default: visual hidden_size, no bias, 1e-5
      "vita_special_tokens": {"img_context_id": .., ...}}
-                           # optional; default: Qwen2.5 ids + the docs/design.md#model list
-                           (151665...)
+                           # optional; default: the Qwen2.5 ids of docs/design.md#tokens
 
 `internvl`: transformers' `InternVLConfig` (text_config = Qwen2, vision_config =
 InternVLVisionConfig). Its single `image_token_id` becomes `tokens.image_token_id`.

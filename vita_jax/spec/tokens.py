@@ -14,7 +14,7 @@ import numpy as np
 
 from vita_jax.errors import InputError
 
-# Added to the Qwen2.5 tokenizer in this order by the release (docs/design.md, "Tokens").
+# Added to the Qwen2.5 tokenizer in this order by the release (docs/design.md#tokens).
 VISUAL_SPECIAL_TOKENS = (
     "<img>", "</img>", "<IMG_CONTEXT>",
     "<vid>", "</vid>", "<VID_CONTEXT>",

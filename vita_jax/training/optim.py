@@ -1,6 +1,5 @@
 """The optimizer of docs/design.md#stages: Adam(0.9, 0.999), no decay, clip 1.0, warmup + cosine,
-with
-per-parameter LR multipliers (stage 2: ViT x0.1 and layer-wise decay 0.9).
+with per-parameter LR multipliers (stage 2: ViT x0.1 and layer-wise decay 0.9).
 
 Only trainable parameters reach the optimizer: frozen ones get neither optimizer state nor
 gradients (the trainer differentiates with respect to the trainable split alone).
