@@ -1,4 +1,4 @@
-"""The markdown table of a benchmark result (the README includes it)."""
+"""The markdown table of a benchmark result (docs/benchmarks.md includes it)."""
 
 from __future__ import annotations
 
