@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from configs import base
+from vita_jax import cli
 from vita_jax.spec import tokens as spec_tokens
 from vita_torch import generate as gen
 from vita_torch import testing
@@ -48,7 +49,7 @@ def _worker(rank, world, port, argv):
   torch.set_num_threads(1)
   os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                     WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-  gen.main(argv)
+  cli.run(gen.main, ["vita_torch.generate", *argv], flag_values=gen.FLAGS)
 
 
 def _answer(out: str) -> list[str]:
@@ -57,7 +58,7 @@ def _answer(out: str) -> list[str]:
 
 def test_cli_single_and_context_parallel_agree(model_dir, capfd):
   path, image = model_dir
-  gen.main(_args(path, image))
+  assert cli.invoke(gen.main, gen.FLAGS, ["vita_torch.generate", *_args(path, image)]) == 0
   single = _answer(capfd.readouterr().out)
   assert len(single) == 2 and "3 prompt tokens" not in single[1]
   assert "6 new" in single[1] and "1 x cpu" in single[1]

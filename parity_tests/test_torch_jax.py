@@ -8,9 +8,16 @@ import pytest
 import torch
 
 import vita_torch
-from vita_jax import verify
-from vita_jax.convert import main as convert_main
+from vita_jax import cli, convert, verify
 from vita_torch import testing
+
+
+def convert_main(argv):
+  return cli.invoke(convert.main, convert.FLAGS, ["vita_jax.convert", *argv])
+
+
+def verify_main(argv):
+  return cli.invoke(verify.main, verify.FLAGS, ["vita_jax.verify", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +26,12 @@ def dirs(tmp_path_factory):
   internvl = str(tmp_path_factory.mktemp("internvl"))
   testing.make_internvl_checkpoint(internvl, seed=7)
   long_vita = str(tmp_path_factory.mktemp("converted") / "long_vita")
-  assert convert_main([internvl, long_vita, "--layout", "long_vita"]) == 0
+  assert convert_main([internvl, long_vita, "--layout=long_vita"]) == 0
   return {"internvl": internvl, "long_vita": long_vita}
 
 
 def test_verify_cli_passes_on_converted_checkpoint(dirs, capsys):
-  assert verify.main(["--model", dirs["long_vita"], "--against", "torch,transformers"]) == 0
+  assert verify_main([f"--model={dirs['long_vita']}", "--against=torch,transformers"]) == 0
   out = capsys.readouterr().out
   print(out)                                         # the table, for -s runs
   assert "long_vita layout, float32" in out
@@ -57,13 +64,13 @@ def test_verify_fails_when_frameworks_disagree(dirs, monkeypatch, capsys):
     return model
 
   monkeypatch.setattr(vita_torch, "load_pretrained", broken)
-  assert verify.main(["--model", dirs["internvl"], "--against", "torch"]) == 1
+  assert verify_main([f"--model={dirs['internvl']}", "--against=torch"]) == 1
   out = capsys.readouterr().out
   assert "FAIL" in out and "FAILED: torch/text/logits" in out
 
 
 def test_verify_rejects_unknown_framework(dirs, capsys):
-  assert verify.main(["--model", dirs["internvl"], "--against", "tensorflow"]) == 2
+  assert verify_main([f"--model={dirs['internvl']}", "--against=tensorflow"]) == 2
   assert "tensorflow" in capsys.readouterr().err
 
 

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 import vita_jax
 from configs import base
-from vita_jax.convert import main as convert_main
+from vita_jax import cli, convert
 from vita_jax.errors import InputError
 from vita_jax.models.vlm import LongVITA
 from vita_jax.spec import hf_config, hf_files, hf_mapping
@@ -227,6 +227,10 @@ def test_model_config_from_hf_reads_the_release_config():
   assert spec_tokens.tokens_per_tile(cfg) == 256
 
 
+def convert_main(argv):
+  return cli.invoke(convert.main, convert.FLAGS, ["vita_jax.convert", *argv])
+
+
 def test_convert_cli_both_ways_keeps_logits(model, model_logits, tmp_path):
   src = tmp_path / "src"
   vita_jax.save_pretrained(model, str(src), layout="long_vita")
@@ -236,7 +240,7 @@ def test_convert_cli_both_ways_keeps_logits(model, model_logits, tmp_path):
                        capture_output=True, text=True, env=env, cwd=ROOT)
   assert run.returncode == 0, run.stderr
   assert "internvl layout" in run.stdout
-  assert convert_main([str(tmp_path / "ivl"), str(tmp_path / "back"), "--layout", "long_vita"]) == 0
+  assert convert_main([str(tmp_path / "ivl"), str(tmp_path / "back"), "--layout=long_vita"]) == 0
   back = vita_jax.load_pretrained(str(tmp_path / "back"))
   assert back.config.layout == "long_vita"
   for p, v in params(model).items():
@@ -248,7 +252,7 @@ def test_convert_cli_both_ways_keeps_logits(model, model_logits, tmp_path):
   graphdef, state = nnx.split(back)
   out = jax.jit(lambda s, i, p: nnx.merge(graphdef, s)(i, p))(state, ids, pix)
   np.testing.assert_array_equal(out, model_logits)
-  assert convert_main([str(src), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+  assert convert_main([str(src), str(tmp_path / "bf16"), "--dtype=bfloat16"]) == 0
   files = load_file(str(tmp_path / "bf16" / "model.safetensors"))
   assert all(v.dtype == ml_dtypes.bfloat16 for v in files.values())
 

@@ -5,7 +5,9 @@
     if __name__ == "__main__": cli.run(main)
 
 `run` refuses unknown override keys with a sentence listing the keys that exist, and turns a
-`ConfigError` raised anywhere in `main` into a one-line message and exit code 2.
+user's mistake raised anywhere in `main` (a `UserError`, a missing or unreadable file) into a
+one-line message and exit code 2, with absl's and JAX's INFO logging silenced. Every command of
+both frameworks starts through it, so they all fail the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import ml_collections
 from absl import app
 from ml_collections import config_flags
 
-from vita_jax.errors import ConfigError
+from vita_jax.errors import ConfigError, UserError
 
 
 def define_config_flag(name: str = "config", required: bool = True):
@@ -75,13 +77,43 @@ def check_overrides(argv: Sequence[str], flag: str = "config") -> None:
       node, walked = node[part], walked + [part]
 
 
+# What a user can fix: wrong values, missing or unreadable files. Anything else is our bug and
+# keeps its traceback.
+USER_MISTAKES = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                 PermissionError)
+
+
+def _message(error: Exception) -> str:
+  if isinstance(error, OSError) and error.filename is not None:    # "[Errno 2] ..." -> plain
+    return f"{error.strerror}: {error.filename!r}"
+  return str(error)
+
+
 def _fail(error: Exception) -> None:
-  print(f"error: {error}", file=sys.stderr)
+  print(f"error: {_message(error)}", file=sys.stderr)
   sys.exit(2)
 
 
-def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
+def _quiet_logs(argv: Sequence[str]) -> None:
+  """Library INFO logs off (orbax and jax log at INFO through absl; users see warnings and
+  errors only). `--verbosity=0` on the command line brings them back."""
+  from absl import logging
+  if not any(a.startswith(("--verbosity", "-v=")) for a in argv):
+    logging.set_verbosity(logging.WARNING)
+
+
+def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None, *,
+        flag_values=None) -> None:
+  """Run a command's `main(argv)` and exit.
+
+  Commands with `--config` use absl's global flags and `app.run`. The others keep their flags in
+  their own `flags.FlagValues` (`flag_values`), so tests can run several commands in one process
+  with `invoke` (their flag names would clash in the global set: `--dtype` means different
+  things to convert and verify).
+  """
   argv = list(sys.argv if argv is None else argv)
+  if flag_values is not None:
+    sys.exit(invoke(main, flag_values, argv))
   try:
     check_overrides(argv)
   except ConfigError as e:
@@ -90,7 +122,53 @@ def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) ->
   def guarded(args):
     try:
       return main(args)
-    except (ConfigError, FileNotFoundError) as e:   # a user's mistake: no traceback
+    except USER_MISTAKES as e:                      # a user's mistake: no traceback
       _fail(e)
 
-  app.run(guarded, argv=argv)
+  def parse(args):
+    rest = app.parse_flags_with_usage(args)
+    _quiet_logs(args)
+    return rest
+
+  app.run(guarded, argv=argv, flags_parser=parse)
+
+
+def _flag_help(flag_values) -> str:
+  lines = []
+  for name in sorted(flag_values.flag_values_dict()):
+    flag = flag_values[name]
+    if name != flag.name or name == "undefok":     # short aliases; absl's own
+      continue
+    if flag.default is None:
+      default = "required" if flag.validators else "default: unset"
+    else:
+      default = f"default: {flag.default_as_str}"
+    lines.append(f"  --{name}: {flag.help} ({default})")
+  return "\n".join(lines)
+
+
+def invoke(main: Callable[[list[str]], int | None], flag_values, argv: Sequence[str]) -> int:
+  """Parse `argv` (argv[0] is the program) into `flag_values`, run `main(positional argv)` and
+  return the exit code: main's return value (None is 0), 2 after a user's mistake (one line on
+  stderr), 0 after `--help`. The in-process twin of `python -m <command>`."""
+  from absl import flags
+  argv = list(argv)
+  if any(a in ("--help", "-h", "--helpfull", "-?", "--helpshort") for a in argv[1:]):
+    module = sys.modules.get(main.__module__)
+    print((module.__doc__ or "").strip() + "\n\nflags:\n" + _flag_help(flag_values))
+    return 0
+  flag_values.unparse_flags()
+  try:
+    rest = flag_values(argv)
+  except flags.Error as e:
+    print(f"error: {e}; see --help", file=sys.stderr)
+    return 2
+  if not flags.FLAGS.is_parsed():                   # absl logging wants the global set parsed
+    flags.FLAGS.mark_as_parsed()
+  _quiet_logs(argv)
+  try:
+    code = main(rest)
+  except USER_MISTAKES as e:
+    print(f"error: {_message(e)}", file=sys.stderr)
+    return 2
+  return int(code or 0)

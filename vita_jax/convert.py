@@ -1,8 +1,8 @@
 """Convert checkpoints: between the `long_vita` and `internvl` HF layouts, and from a
 training workdir (orbax) to either.
 
-    python -m vita_jax.convert SRC DST [--layout internvl|long_vita] [--dtype bfloat16]
-        [--max-shard-gb 4]
+    python -m vita_jax.convert SRC DST [--layout=internvl|long_vita] [--dtype=bfloat16]
+        [--max_shard_gb=4]
 
 SRC is an HF directory (its layout comes from its config.json; --layout defaults to the other
 one) or a `vita_jax.train` workdir (its newest checkpoint; --layout defaults to long_vita).
@@ -13,9 +13,18 @@ internvl layout). The other direction needs no conversion: `--config.init_from=H
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+from absl import flags
+
+# Flags live in this command's own FlagValues (see vita_jax.cli.run).
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("layout", None, ["long_vita", "internvl"],
+                  "layout to write (default: the one SRC is not in)", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                  "tensor dtype to write (default: SRC's)", flag_values=FLAGS)
+flags.DEFINE_float("max_shard_gb", 4.0, "largest safetensors shard in GiB", flag_values=FLAGS)
 
 
 def _stored_dtype(src: str, layout: str) -> str:
@@ -66,27 +75,18 @@ def convert(src: str, dst: str, layout: str | None = None, dtype: str | None = N
   return layout
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m vita_jax.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("src", help="Hugging Face directory (either layout) or training workdir")
-  parser.add_argument("dst", help="directory to write")
-  parser.add_argument("--layout", choices=("long_vita", "internvl"), default=None,
-                      help="layout to write (default: the one SRC is not in)")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                      help="tensor dtype to write (default: SRC's)")
-  parser.add_argument("--max-shard-gb", type=float, default=4.0,
-                      help="largest safetensors shard in GiB")
-  args = parser.parse_args(argv)
-  try:
-    layout = convert(args.src, args.dst, args.layout, args.dtype,
-                     int(args.max_shard_gb * (1 << 30)))
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"wrote {args.dst} ({layout} layout)")
-  return 0
+def main(argv) -> None:
+
+  from vita_jax.errors import ConfigError
+  f = FLAGS
+  if len(argv) != 3:
+    raise ConfigError(f"expected SRC and DST, got {argv[1:]}; usage: python -m vita_jax.convert "
+                      "SRC DST [--layout=internvl|long_vita] [--dtype=bfloat16]")
+  src, dst = argv[1:]
+  layout = convert(src, dst, f.layout, f.dtype, int(f.max_shard_gb * (1 << 30)))
+  print(f"wrote {dst} ({layout} layout)")
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from vita_jax import cli
+  cli.run(main, flag_values=FLAGS)

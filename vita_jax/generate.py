@@ -36,11 +36,12 @@ import weakref
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vita_jax.errors import ConfigError
+from vita_jax.errors import ConfigError, InputError
 from vita_jax.models import decoding
 from vita_jax.models.decoding import Cache, Decoding, Sampling, sample
 from vita_jax.parallel.mesh import make_mesh
@@ -147,11 +148,11 @@ def prefill(model, input_ids, pixel_values=None, *, seq_shards: int = 1, max_new
   import time
   ids = np.asarray(input_ids, np.int32)
   if ids.ndim != 2 or ids.shape[1] == 0:
-    raise ValueError(f"input_ids must be int [batch, seq] with seq > 0; got shape {ids.shape}")
+    raise InputError(f"input_ids must be int [batch, seq] with seq > 0; got shape {ids.shape}")
   b, s = ids.shape
   max_length = max_length if max_length is not None else max_length_of(model)
   if max_length is not None and s + max_new_tokens > max_length:
-    raise ValueError(
+    raise InputError(
         f"the prompt has {s} tokens and max_new_tokens={max_new_tokens}, {s + max_new_tokens} "
         f"in all, more than the model's maximum length {max_length} "
         "(config.llm.max_position_embeddings); shorten the prompt (fewer frames or tiles) or "
@@ -199,7 +200,7 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int, seq_sh
   """
   import time
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1 (--max_new_tokens)")
   logits, cache, s = prefill(model, input_ids, pixel_values, seq_shards=seq_shards,
                              max_new_tokens=max_new_tokens, max_length=max_length,
                              vision_chunk=vision_chunk, timings=timings)
@@ -238,17 +239,20 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int, seq_sh
 
 
 def load_for_inference(path: str, *, tokenizer: str = "", dtype: str | None = None):
-  """(model, tokenizer) from a training workdir (config.json + checkpoints/) or an HF dir."""
+  """(model, tokenizer) from a training workdir (config.json + checkpoints/) or an HF dir.
+
+  The tokenizer is `tokenizer`, else the run's (workdir) or the directory's own; the model's
+  special-token ids must match it (a ConfigError names the first that differs)."""
   import os
 
   from vita_jax.checkpoints import workdir as workdir_lib
-  from vita_jax.data.tokenizer import load_tokenizer
+  from vita_jax.data.tokenizer import check_token_ids, load_tokenizer
   if workdir_lib.is_workdir(path):
     model, config = workdir_lib.load_model_from_workdir(path, dtype=dtype)
     candidates = [tokenizer, config.data.tokenizer, os.path.join(path, "tokenizer")]
   elif os.path.isfile(os.path.join(path, "config.json")):
     import vita_jax
-    model = vita_jax.load_pretrained(path, dtype=dtype or "float32")
+    model = vita_jax.load_pretrained(path, dtype=dtype or "float32", tokenizer=tokenizer)
     candidates = [tokenizer, path]
   else:
     raise ConfigError(f"--model={path!r} is neither a training workdir (with checkpoints/) nor "
@@ -257,7 +261,9 @@ def load_for_inference(path: str, *, tokenizer: str = "", dtype: str | None = No
   if found is None:
     raise ConfigError(f"no tokenizer found for {path!r} (tried {[c for c in candidates if c]});"
                       " pass --tokenizer=DIR")
-  return model, load_tokenizer(found)
+  tok = load_tokenizer(found)
+  check_token_ids(tok, model.config.tokens)
+  return model, tok
 
 
 def build_prompt(model, tok, prompt: str, images=(), video: str = "", max_frames: int = 64,
@@ -277,9 +283,7 @@ def main(argv):
   import sys
   import time
 
-  from absl import flags, logging
-  logging.set_verbosity(logging.WARNING)     # orbax/absl INFO lines would bury the answer
-  f = flags.FLAGS
+  f = FLAGS
   model, tok = load_for_inference(f.model, tokenizer=f.tokenizer, dtype=f.dtype)
   ids, pixels = build_prompt(model, tok, f.prompt, f.image or (), f.video, f.max_frames)
   eos = int(model.config.tokens.eos_id)
@@ -306,24 +310,27 @@ def main(argv):
         f"(incl. compile) | {len(got)} new tokens, {rate}]", flush=True)
 
 
-def define_flags():
-  from absl import flags
-  flags.DEFINE_string("model", None, "training workdir or Hugging Face directory", required=True)
-  flags.DEFINE_string("prompt", None, "the user's question", required=True)
-  flags.DEFINE_multi_string("image", [], "image file(s), in order")
-  flags.DEFINE_string("video", "", "video file or directory of frames")
-  flags.DEFINE_integer("max_frames", 64, "at most this many video frames (1 fps)")
-  flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most")
-  flags.DEFINE_integer("seq_shards", 1, "devices the prompt (and its KV cache) is sharded over")
-  flags.DEFINE_float("temperature", 0.0, "0 = greedy")
-  flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
-  flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)")
-  flags.DEFINE_integer("seed", 0, "sampling seed")
-  flags.DEFINE_string("tokenizer", "", "tokenizer directory (default: the model's)")
-  flags.DEFINE_string("dtype", None, "compute dtype override, e.g. float32")
+# The command's flags, in its own FlagValues (see vita_jax.cli.run).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", None, "training workdir or Hugging Face directory", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_string("prompt", None, "the user's question", required=True, flag_values=FLAGS)
+flags.DEFINE_multi_string("image", [], "image file(s), in order", flag_values=FLAGS)
+flags.DEFINE_string("video", "", "video file or directory of frames", flag_values=FLAGS)
+flags.DEFINE_integer("max_frames", 64, "at most this many video frames (1 fps)", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most", flag_values=FLAGS)
+flags.DEFINE_integer("seq_shards", 1, "devices the prompt (and its KV cache) is sharded over",
+                     flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.0, "0 = greedy", flag_values=FLAGS)
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", "", "tokenizer directory (default: the model's)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("dtype", None, "compute dtype override, e.g. float32", flag_values=FLAGS)
 
 
 if __name__ == "__main__":
   from vita_jax import cli
-  define_flags()
-  cli.run(main)
+  cli.run(main, flag_values=FLAGS)

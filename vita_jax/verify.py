@@ -1,6 +1,6 @@
 """Cross-framework numerical verification of one checkpoint (docs/design.md#precision).
 
-    python -m vita_jax.verify --model=DIR [--dtype float32|bfloat16] [--against torch,transformers]
+    python -m vita_jax.verify --model=DIR [--dtype=float32|bfloat16] [--against=torch,transformers]
 
 Loads DIR (either HF layout) in JAX and in every framework of --against, runs the same random
 inputs — text only, with images (3 tiles), and packing (two samples with restarting positions,
@@ -16,14 +16,23 @@ projector) is skipped for transformers with a note.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 
 import numpy as np
+from absl import flags
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 FRAMEWORKS = ("torch", "transformers")
+
+# Flags live in this command's own FlagValues (see vita_jax.cli.run).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", None, "HF checkpoint directory (either layout)", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", list(TOLERANCE), "dtype both frameworks compute in",
+                  flag_values=FLAGS)
+flags.DEFINE_string("against", ",".join(FRAMEWORKS),
+                    "comma-separated subset of " + ",".join(FRAMEWORKS), flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the random inputs", flag_values=FLAGS)
 
 
 def make_cases(cfg, *, batch: int = 2, seq: int = 32, tiles: int = 3, seed: int = 0) -> dict:
@@ -207,25 +216,19 @@ def verify(path: str, dtype: str = "float32", against=FRAMEWORKS, seed: int = 0,
   return rows
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m vita_jax.verify", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model", required=True, help="HF checkpoint directory (either layout)")
-  parser.add_argument("--dtype", choices=tuple(TOLERANCE), default="float32")
-  parser.add_argument("--against", default=",".join(FRAMEWORKS),
-                      help="comma-separated subset of torch,transformers")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  against = [a.strip() for a in args.against.split(",") if a.strip()]
-  try:
-    rows = verify(args.model, args.dtype, against, args.seed)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  failed = [r for r in rows if not r["ok"]]
+def main(argv) -> int:
+
+  from vita_jax.errors import ConfigError
+  f = FLAGS
+  against = [a.strip() for a in f.against.split(",") if a.strip()]
+  unknown = sorted(set(against) - set(FRAMEWORKS))
+  if unknown:
+    raise ConfigError(f"--against={f.against!r}: unknown framework(s) {unknown}; use a subset of "
+                      f"{','.join(FRAMEWORKS)}")
+  rows = verify(f.model, f.dtype, against, f.seed)
   if not rows:
-    print("error: nothing was compared", file=sys.stderr)
-    return 2
+    raise ConfigError("nothing was compared; pass --against=torch,transformers")
+  failed = [r for r in rows if not r["ok"]]
   names = ", ".join(f"{r['framework']}/{r['case']}/{r['output']}" for r in failed)
   print(f"{len(rows) - len(failed)}/{len(rows)} within tolerance"
         + (f"; FAILED: {names}" if failed else ""))
@@ -233,4 +236,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from vita_jax import cli
+  cli.run(main, flag_values=FLAGS)

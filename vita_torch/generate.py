@@ -23,11 +23,35 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from absl import flags
 
+from vita_jax.errors import ConfigError
 from vita_torch.model import dense_attention
 from vita_torch.ring import lse_attention, ring_attention, sharded_decode_attention, zigzag_indices
 
 DENSE_MAX_TOKENS = 8192     # longer single-process prompts use the tiled attention
+
+# Flags live in this command's own FlagValues (see vita_jax.cli.run).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", None, "Hugging Face checkpoint directory (either layout)",
+                    required=True, flag_values=FLAGS)
+flags.DEFINE_string("prompt", None, "the user's question", required=True, flag_values=FLAGS)
+flags.DEFINE_multi_string("image", [], "image file(s), in order", flag_values=FLAGS)
+flags.DEFINE_multi_string("video", [], "video file(s) or frame directories, in order",
+                          flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", "", "tokenizer directory (default: the --model directory)",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate at most", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.0, "0 = greedy", flag_values=FLAGS)
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16", "float16"], "compute dtype",
+                  flag_values=FLAGS)
+flags.DEFINE_string("device", "auto", "auto | npu | cuda | cpu", flag_values=FLAGS)
+flags.DEFINE_bool("context_parallel", False,
+                  "split the prompt over the torchrun ranks (ring attention)", flag_values=FLAGS)
 
 
 class KVCache:
@@ -141,7 +165,7 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int,
              top_k: int = 0, eos_id: int | None = None, seed: int = 0, group=None):
   """Up to `max_new_tokens` tokens after `input_ids` int [B, S] -> int64 [B, new]."""
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1 (--max_new_tokens)")
   world, rank = _world(context_parallel, group)
   logits, cache = prefill(model, input_ids, pixel_values, context_parallel=context_parallel,
                           group=group, extra_slots=-(-max_new_tokens // world))
@@ -195,43 +219,34 @@ def build_prompt(tok, cfg, prompt: str, images=(), videos=()):
   return torch.from_numpy(ids).long(), pixels
 
 
-def main(argv=None):
-  import argparse
+def main(argv):
+  import os
   import time
 
   import vita_torch
-  from vita_torch.device import init_distributed
-
-  parser = argparse.ArgumentParser(prog="python -m vita_torch.generate", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model", required=True, help="HF checkpoint directory (either layout)")
-  parser.add_argument("--prompt", required=True)
-  parser.add_argument("--image", action="append", default=[], help="repeatable")
-  parser.add_argument("--video", action="append", default=[], help="repeatable")
-  parser.add_argument("--tokenizer", default="", help="default: the --model directory")
-  parser.add_argument("--max_new_tokens", type=int, default=128)
-  parser.add_argument("--temperature", type=float, default=0.0)
-  parser.add_argument("--top_p", type=float, default=1.0)
-  parser.add_argument("--top_k", type=int, default=0)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-  parser.add_argument("--device", default="auto", help="auto | npu | cuda | cpu")
-  parser.add_argument("--context_parallel", action="store_true",
-                      help="split the prompt over the torchrun ranks (ring attention)")
-  args = parser.parse_args(argv)
-
   from vita_jax.data.tokenizer import check_token_ids, load_tokenizer
-  device = init_distributed(args.device)
+  from vita_torch.device import init_distributed
+  f = FLAGS
+  if len(argv) > 1:
+    raise ConfigError(f"unexpected arguments {argv[1:]}; every option is a --flag=value")
+  if os.path.isdir(os.path.join(f.model, "checkpoints")):     # a vita_jax.train workdir
+    raise ConfigError(f"--model={f.model!r} is a JAX training workdir; export it first with "
+                      f"`python -m vita_jax.convert {f.model} OUT_DIR` and pass --model=OUT_DIR")
+  if not os.path.isfile(os.path.join(f.model, "config.json")):
+    raise ConfigError(f"--model={f.model!r} is not a Hugging Face checkpoint directory (no "
+                      "config.json); pass a directory written by vita_jax.convert or a release")
+  device = init_distributed(f.device)
   rank = dist.get_rank() if dist.is_initialized() else 0
-  model = vita_torch.load_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device)
-  tok = load_tokenizer(args.tokenizer or args.model)
+  model = vita_torch.load_pretrained(f.model, dtype=getattr(torch, f.dtype), device=device,
+                                     tokenizer=f.tokenizer)
+  tok = load_tokenizer(f.tokenizer or f.model)
   check_token_ids(tok, model.cfg.tokens)
-  ids, pixels = build_prompt(tok, model.cfg, args.prompt, args.image, args.video)
+  ids, pixels = build_prompt(tok, model.cfg, f.prompt, f.image, f.video)
   start = time.perf_counter()
-  out = generate(model, ids, pixels, max_new_tokens=args.max_new_tokens,
-                 context_parallel=args.context_parallel and dist.is_initialized(),
-                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                 eos_id=tok.eos_id, seed=args.seed)
+  out = generate(model, ids, pixels, max_new_tokens=f.max_new_tokens,
+                 context_parallel=f.context_parallel and dist.is_initialized(),
+                 temperature=f.temperature, top_p=f.top_p, top_k=f.top_k,
+                 eos_id=tok.eos_id, seed=f.seed)
   seconds = time.perf_counter() - start
   if rank == 0:
     print(tok.decode(out[0].tolist(), skip_special_tokens=True))
@@ -243,4 +258,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  from vita_jax import cli
+  cli.run(main, flag_values=FLAGS)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw
 
 DEMO_ROOT = "runs/demo_data"
@@ -34,6 +34,11 @@ BACKGROUND = (128, 128, 128)
 # Seven-segment digits: segments a b c d e f g lit per digit.
 _SEGMENTS = ("abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afgedc", "abc", "abcdefg",
              "abcdfg")
+
+# Flags live in this command's own FlagValues (see vita_jax.cli.run).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out", DEMO_ROOT, "output directory", flag_values=FLAGS)
+flags.DEFINE_integer("frames", 8, "frames per demo video", flag_values=FLAGS)
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, colour) -> None:
@@ -263,18 +268,15 @@ def _is_complete(root: str) -> bool:
     return False
 
 
-def main(argv=None) -> None:
-  import argparse
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default=DEMO_ROOT, help="output directory")
-  parser.add_argument("--frames", type=int, default=8, help="frames per demo video")
-  args = parser.parse_args(argv)
-  if _is_complete(args.out):
-    print(f"{args.out} already holds the demo corpus (version {VERSION})")
+def main(argv) -> None:
+  f = FLAGS
+  if _is_complete(f.out):
+    print(f"{f.out} already holds the demo corpus (version {VERSION})")
     return
-  ensure_demo_data(args.out, args.frames)
-  print(f"wrote the demo corpus to {args.out}")
+  ensure_demo_data(f.out, f.frames)
+  print(f"wrote the demo corpus to {f.out}")
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  from vita_jax import cli
+  cli.run(main, flag_values=FLAGS)

@@ -11,8 +11,12 @@ this is also the order of the `<img>`/`<patch>` blocks in the token layout.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from PIL import Image
+
+from vita_jax.errors import InputError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -73,7 +77,14 @@ def grid_of(image_size: tuple[int, int], tile: int, max_tiles: int) -> tuple[int
 
 
 def load_image(path: str) -> Image.Image:
-  """Open and fully decode (so corrupt files fail here, not later)."""
-  with Image.open(path) as image:
-    image.load()
-    return image.convert("RGB")
+  """Open and fully decode (so corrupt files fail here, not later). A missing file raises
+  FileNotFoundError; a file Pillow cannot decode raises InputError naming it."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"image {path!r} does not exist")
+  try:
+    with Image.open(path) as image:
+      image.load()
+      return image.convert("RGB")
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise InputError(f"image {path!r} cannot be decoded ({e}); pass a PNG, JPEG or another "
+                     "format Pillow reads") from e

@@ -12,13 +12,23 @@ media files are only counted (the pipeline skips them with a warning).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+from absl import flags
+
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
           "system": "system"}
+
+# Flags live in this command's own FlagValues (see vita_jax.cli.run).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("input", None, "LLaVA/ShareGPT .json or .jsonl", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output manifest, e.g. data/NAME/train.jsonl", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_string("image_root", None, "folder the input's image/video paths are relative to "
+                    "(default: the input file's folder)", flag_values=FLAGS)
 
 
 def _paths(value) -> list[str]:
@@ -81,18 +91,13 @@ def convert(input_path: str, out_path: str, media_root: str | None = None) -> di
   return counts
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--input", required=True, help="LLaVA/ShareGPT .json or .jsonl")
-  parser.add_argument("--out", required=True, help="output manifest, e.g. data/NAME/train.jsonl")
-  parser.add_argument("--image_root", default=None,
-                      help="folder the input's image/video paths are relative to "
-                           "(default: the input file's folder)")
-  args = parser.parse_args(argv)
-  counts = convert(args.input, args.out, args.image_root)
-  print(f"wrote {counts['written']} samples to {args.out} ({counts['unreadable']} unreadable "
+def main(argv) -> None:
+  f = FLAGS
+  counts = convert(f.input, f.out, f.image_root)
+  print(f"wrote {counts['written']} samples to {f.out} ({counts['unreadable']} unreadable "
         f"entries left out, {counts['missing_media']} media paths not found)")
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  from vita_jax import cli
+  cli.run(main, flag_values=FLAGS)

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from vita_jax.data import image as image_lib
+from vita_jax.errors import InputError
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SAMPLING_RULES = ("release", "uniform")
@@ -126,10 +127,18 @@ def load_video(path: str, tile: int, max_frames: int, fps: float = 1.0, *,
   if sampling not in SAMPLING_RULES:
     raise ValueError(f"video sampling {sampling!r} is unknown; use one of "
                      f"{', '.join(SAMPLING_RULES)}")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"video {path!r} does not exist")
   if os.path.isdir(path):
-    frames = _read_frame_dir(path, fps, max_frames, sampling)
+    decode, errors = _read_frame_dir, (OSError, ValueError)
   else:
-    frames = _decode_file(path, fps, max_frames, sampling)
+    import av  # lazy: only video samples need it
+    decode, errors = _decode_file, (OSError, ValueError, IndexError, av.error.FFmpegError)
+  try:
+    frames = decode(path, fps, max_frames, sampling)
+  except errors as e:
+    raise InputError(f"video {path!r} cannot be decoded ({e}); pass a video file PyAV reads "
+                     "(mp4, mkv, webm, ...) or a directory of frame images") from e
   if pad_square:
     frames = [pad_to_square(f) for f in frames]
   return image_lib.normalize(np.stack([image_lib.resize_square(f, tile) for f in frames]))
