@@ -174,32 +174,53 @@ def _write_set(root) -> str:
   return str(root / "set.jsonl")
 
 
+SHARDS = 1
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  """(data file, video root, HF model dir with its tokenizer, loaded model, tokenizer)."""
+  """(data file, video root, tiny random model, a byte-level tokenizer trained on the set)."""
   from flax import nnx
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-  import vita_jax
   from configs import base
-  from vita_jax import generate as gen
-  from vita_jax.data.tokenizer import train_demo_tokenizer
+  from vita_jax.data import tokenizer as tokenizer_lib
   from vita_jax.models.vlm import LongVITA
   root = tmp_path_factory.mktemp("videoqa")
   data = _write_set(root)
+  # Built with `tokenizers` alone: the demo tokenizer's trainer would import transformers (~10 s).
+  backend = Tokenizer(models.BPE())
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  backend.decoder = decoders.ByteLevel()
+  backend.train_from_iterator(
+      open(data).read().splitlines() + ["user\n", "assistant\n"],
+      trainers.BpeTrainer(vocab_size=512, special_tokens=list(tokenizer_lib.SPECIAL_TOKENS),
+                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                          show_progress=False))
+  tok = tokenizer_lib.Tokenizer(backend)
   cfg = base.model_config("tiny")
   cfg.compute_dtype = "float32"
-  model_dir = str(root / "model")
-  vita_jax.save_pretrained(LongVITA(cfg, rngs=nnx.Rngs(0)), model_dir)
-  texts = [line for line in (root / "set.jsonl").read_text().splitlines()] * 3
-  train_demo_tokenizer(texts + ["user\n", "assistant\n"], model_dir, vocab_size=512)
-  model, tok = gen.load_for_inference(model_dir)
-  return data, str(root / "videos"), model_dir, model, tok
+  cfg.llm.vocab_size = tok.vocab_size      # every token it can draw decodes to some text
+  return data, str(root / "videos"), LongVITA(cfg, rngs=nnx.Rngs(0)), tok
 
 
 def _options(setup, out, **kw):
   data, videos, *_ = setup
   return videoqa.Options(data=data, video_root=videos, out=str(out), max_frames=8,
-                         max_new_tokens=4, **kw)
+                         max_new_tokens=4, seq_shards=SHARDS, **kw)
+
+
+def _answerer(setup):
+  _, _, model, tok = setup
+  return videoqa.ModelAnswerer(model, tok, max_frames=8, max_new_tokens=4, seq_shards=SHARDS)
+
+
+@pytest.fixture(scope="module")
+def fresh(setup, tmp_path_factory):
+  """One uninterrupted in-process run: (summary, the results.jsonl path)."""
+  out = tmp_path_factory.mktemp("fresh")
+  summary, _ = videoqa.run(_options(setup, out), _answerer(setup), progress=False)
+  return summary, out / "results.jsonl"
 
 
 def _recount(path):
@@ -212,31 +233,46 @@ def _recount(path):
   return rows, sum(r["pred"] == r["answer"] for r in rows) / len(rows), per
 
 
-def test_in_process_end_to_end_and_resume(setup, tmp_path):
-  _, _, _, model, tok = setup
-  answer = videoqa.ModelAnswerer(model, tok, max_frames=8, max_new_tokens=4, seq_shards=2)
-  fresh, _ = videoqa.run(_options(setup, tmp_path / "fresh"), answer, progress=False)
-  rows, acc, per = _recount(tmp_path / "fresh" / "results.jsonl")
+def test_in_process_end_to_end(fresh):
+  summary, path = fresh
+  rows, acc, per = _recount(path)
   assert [r["id"] for r in rows] == ["ball_right", "ball_up", "needle_0", "needle_1"]
-  assert fresh["accuracy"] == pytest.approx(acc) and fresh["answered"] == 4
-  assert {b: (n, c) for b, n, c in fresh["buckets"]} == {b: (len(v), sum(v))
-                                                         for b, v in per.items()}
-  assert [b for b, _, _ in fresh["buckets"]] == ["short", "medium", "long"]
-  assert [s["id"] for s in fresh["skipped"]] == ["gone"]
-  assert "missing video" in fresh["skipped"][0]["reason"]
-  summary = (tmp_path / "fresh" / "summary.md").read_text()
-  assert f"| **overall** | 4 | {fresh['correct']} |" in summary and "skipped gone" in summary
+  assert summary["accuracy"] == pytest.approx(acc) and summary["answered"] == 4
+  assert {b: (n, c) for b, n, c in summary["buckets"]} == {b: (len(v), sum(v))
+                                                           for b, v in per.items()}
+  assert [b for b, _, _ in summary["buckets"]] == ["short", "medium", "long"]
+  assert [c for c, _, _ in summary["categories"]] == ["motion", "needle"]
+  assert [s["id"] for s in summary["skipped"]] == ["gone"]
+  assert "missing video" in summary["skipped"][0]["reason"]
+  text = (path.parent / "summary.md").read_text()
+  assert f"| **overall** | 4 | {summary['correct']} |" in text and "skipped gone" in text
 
+
+def test_accuracy_of_scripted_answers(setup, tmp_path):
+  """Known answers in the forms models give: 3 of 4 right, the wrong one in the long bucket."""
+  said = {"ball_right": "D", "ball_up": "The ball moves up.", "needle_0": "(A)",
+          "needle_1": "Answer: D"}      # a needle's truth is its last option, D
+  summary, text = videoqa.run(
+      _options(setup, tmp_path),
+      lambda prompt, video: said[os.path.basename(video).removesuffix(".mp4")], progress=False)
+  assert (summary["answered"], summary["correct"], summary["accuracy"]) == (4, 3, 0.75)
+  assert summary["buckets"] == [("short", 1, 1), ("medium", 1, 1), ("long", 2, 1)]
+  assert "| long | 2 | 1 | 50.0 |" in text and "| **overall** | 4 | 3 | **75.0** |" in text
+
+
+def test_resume_after_an_interrupted_run(setup, fresh, tmp_path):
   # Interrupted after two questions (the second record cut mid-line), then rerun.
-  calls = []
+  calls, answer = [], _answerer(setup)
   counting = lambda prompt, video: calls.append(video) or answer(prompt, video)
-  videoqa.run(_options(setup, tmp_path / "resumed", limit=2), counting, progress=False)
-  path = tmp_path / "resumed" / "results.jsonl"
+  videoqa.run(_options(setup, tmp_path, limit=2), counting, progress=False)
+  path = tmp_path / "results.jsonl"
   path.write_bytes(path.read_bytes()[:-20])
-  resumed, _ = videoqa.run(_options(setup, tmp_path / "resumed"), counting, progress=False)
-  assert path.read_bytes() == (tmp_path / "fresh" / "results.jsonl").read_bytes()
+  resumed, _ = videoqa.run(_options(setup, tmp_path), counting, progress=False)
+  assert path.read_bytes() == fresh[1].read_bytes()
   assert len(calls) == 2 + 3           # the cut record was asked again, nothing else twice
-  assert resumed == fresh
+  assert resumed == fresh[0]
+  again, _ = videoqa.run(_options(setup, tmp_path), counting, progress=False)
+  assert len(calls) == 5 and again == fresh[0]     # all answered: only "gone" is retried
 
 
 def _stand_in_server(model, tok, api_key):
@@ -269,8 +305,8 @@ def _stand_in_server(model, tok, api_key):
     ids, pixels = gen.build_prompt(model, tok, text, video=url.removeprefix("file://"),
                                    max_frames=body.get("max_frames", 64))
     eos = int(model.config.tokens.eos_id)
-    out = gen.generate(model, ids, pixels, max_new_tokens=body["max_tokens"], seq_shards=2,
-                       eos_id=eos)
+    out = gen.generate(model, ids, pixels, max_new_tokens=body["max_tokens"],
+                       seq_shards=SHARDS, eos_id=eos)
     answer = tok.decode([t for t in out[0] if t != eos], skip_special_tokens=True)
     return {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "finish_reason": "stop",
@@ -289,23 +325,20 @@ def _stand_in_server(model, tok, api_key):
   return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}", seen
 
 
-def test_through_the_openai_client_against_a_stand_in_server(setup, tmp_path):
-  _, _, model_dir, model, tok = setup
+def test_through_the_openai_client_against_a_stand_in_server(setup, fresh, tmp_path):
+  _, _, model, tok = setup
   server, thread, url, seen = _stand_in_server(model, tok, "sekrit")
   try:
     with pytest.raises(UserError, match="refused the API key.*--api_key"):
       videoqa.run(_options(setup, tmp_path / "x", server=url, api_key="wrong"), progress=False)
-    o = _options(setup, tmp_path / "served", server=url, api_key="sekrit", send_max_frames=True)
+    o = _options(setup, tmp_path, server=url, api_key="sekrit", send_max_frames=True)
     served, _ = videoqa.run(o, progress=False)
   finally:
     server.should_exit = True
     thread.join(timeout=10)
   # The prompt and video went over the wire intact: the answers are the in-process ones.
-  local = videoqa.ModelAnswerer(model, tok, max_frames=8, max_new_tokens=4, seq_shards=2)
-  videoqa.run(_options(setup, tmp_path / "local"), local, progress=False)
-  assert ((tmp_path / "served" / "results.jsonl").read_bytes()
-          == (tmp_path / "local" / "results.jsonl").read_bytes())
-  assert served["answered"] == 4 and [s["id"] for s in served["skipped"]] == ["gone"]
+  assert (tmp_path / "results.jsonl").read_bytes() == fresh[1].read_bytes()
+  assert served == fresh[0]
   assert seen[0]["model"] == "tiny" and seen[0]["max_frames"] == 8
   assert seen[0]["temperature"] == 0 and seen[0]["max_tokens"] == 4
   kinds = [p["type"] for p in seen[0]["messages"][0]["content"]]

@@ -93,7 +93,7 @@ def evaluate(questions: list[Question], answer: Callable[[str, str], str], out: 
         response = answer(vd.build_prompt(q), video)
       except SkipQuestion as e:
         skipped.append({"id": q.id, "reason": str(e)})
-        bar.write(f"skipped {q.id}: {e}")
+        bar.write(f"skipped {q.id}: {e}", file=sys.stderr)
         continue
       pred = vd.extract_letter(response, q.options)
       record = dict(id=q.id, video=q.video, bucket=q.bucket, category=q.category,
