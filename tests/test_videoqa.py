@@ -354,3 +354,19 @@ def test_unreachable_server_and_missing_model_flag(setup, tmp_path):
     videoqa.run(_options(setup, tmp_path, server=f"http://127.0.0.1:{port}"), progress=False)
   with pytest.raises(UserError, match="exactly one of --model=DIR"):
     videoqa.run(_options(setup, tmp_path), progress=False)
+
+
+def test_command_line_error_is_one_line(tmp_path):
+  """Through the real entry point (absl flags, cli.run): exit code 2 and one line."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  (tmp_path / "q.json").write_text('[{"video": "a.mp4", "question": "q?"}]')
+  result = subprocess.run(
+      [sys.executable, "-m", "vita_jax.eval.videoqa", "--model=m", f"--data={tmp_path}/q.json"],
+      cwd=root, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=root))
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.startswith("error: ") and "fits none of the known layouts" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+  with pytest.raises(UserError, match="does not exist"):
+    videoqa.run(videoqa.Options(data=str(tmp_path / "none.json"), model="m"), progress=False)

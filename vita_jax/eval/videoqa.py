@@ -80,12 +80,13 @@ def evaluate(questions: list[Question], answer: Callable[[str, str], str], out: 
   path = os.path.join(out, "results.jsonl")
   done = read_results(path)
   todo = [q for q in questions if q.id not in done]
+  earlier = [done[q.id] for q in questions if q.id in done]
+  tally = [sum(bool(r["correct"]) for r in earlier), len(earlier)]    # right, answered
   skipped = []
   with open(path, "a", encoding="utf-8") as f, tqdm(
       total=len(questions), initial=len(questions) - len(todo), unit="q", desc="videoqa",
       disable=not progress, file=sys.stderr) as bar:
     for q in todo:
-      bar.update()
       video = find_video(video_root, q.video)
       try:
         if video is None:
@@ -94,6 +95,7 @@ def evaluate(questions: list[Question], answer: Callable[[str, str], str], out: 
       except SkipQuestion as e:
         skipped.append({"id": q.id, "reason": str(e)})
         bar.write(f"skipped {q.id}: {e}", file=sys.stderr)
+        bar.update()
         continue
       pred = vd.extract_letter(response, q.options)
       record = dict(id=q.id, video=q.video, bucket=q.bucket, category=q.category,
@@ -102,6 +104,9 @@ def evaluate(questions: list[Question], answer: Callable[[str, str], str], out: 
       done[q.id] = record
       f.write(json.dumps(record, ensure_ascii=False) + "\n")
       f.flush()
+      tally[0], tally[1] = tally[0] + record["correct"], tally[1] + 1
+      bar.set_postfix(acc=f"{tally[0] / tally[1]:.3f}", skipped=len(skipped))
+      bar.update()
   return summarize([done[q.id] for q in questions if q.id in done], skipped, len(questions))
 
 
@@ -184,7 +189,9 @@ class ServerAnswerer:
     self.openai = openai
     base = url.rstrip("/")
     base = base if base.endswith("/v1") else base + "/v1"
-    self.client = openai.OpenAI(base_url=base, api_key=api_key or "EMPTY", max_retries=2)
+    # A long video's prefill can take minutes: a generous timeout, and retries for 429s.
+    self.client = openai.OpenAI(base_url=base, api_key=api_key or "EMPTY", max_retries=2,
+                                timeout=3600.0)
     self.url, self.max_new_tokens, self.inline = base, max_new_tokens, inline
     # Sent only when asked for: a frame limit is not part of the OpenAI schema.
     self.extra = {"max_frames": max_frames} if max_frames else None
