@@ -178,16 +178,22 @@ SHARDS = 1
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  """(data file, video root, tiny random model, a byte-level tokenizer trained on the set)."""
+def dataset(tmp_path_factory):
+  """(data file, video root) of the generated set."""
+  root = tmp_path_factory.mktemp("videoqa")
+  return _write_set(root), str(root / "videos")
+
+
+@pytest.fixture(scope="module")
+def tiny(dataset):
+  """(tiny random model, a byte-level tokenizer trained on the set's text)."""
   from flax import nnx
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
   from configs import base
   from vita_jax.data import tokenizer as tokenizer_lib
   from vita_jax.models.vlm import LongVITA
-  root = tmp_path_factory.mktemp("videoqa")
-  data = _write_set(root)
+  data = dataset[0]
   # Built with `tokenizers` alone: the demo tokenizer's trainer would import transformers (~10 s).
   backend = Tokenizer(models.BPE())
   backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -201,25 +207,25 @@ def setup(tmp_path_factory):
   cfg = base.model_config("tiny")
   cfg.compute_dtype = "float32"
   cfg.llm.vocab_size = tok.vocab_size      # every token it can draw decodes to some text
-  return data, str(root / "videos"), LongVITA(cfg, rngs=nnx.Rngs(0)), tok
+  return LongVITA(cfg, rngs=nnx.Rngs(0)), tok
 
 
-def _options(setup, out, **kw):
-  data, videos, *_ = setup
+def _options(dataset, out, **kw):
+  data, videos = dataset
   return videoqa.Options(data=data, video_root=videos, out=str(out), max_frames=8,
                          max_new_tokens=4, seq_shards=SHARDS, **kw)
 
 
-def _answerer(setup):
-  _, _, model, tok = setup
+def _answerer(tiny):
+  model, tok = tiny
   return videoqa.ModelAnswerer(model, tok, max_frames=8, max_new_tokens=4, seq_shards=SHARDS)
 
 
 @pytest.fixture(scope="module")
-def fresh(setup, tmp_path_factory):
+def fresh(dataset, tiny, tmp_path_factory):
   """One uninterrupted in-process run: (summary, the results.jsonl path)."""
   out = tmp_path_factory.mktemp("fresh")
-  summary, _ = videoqa.run(_options(setup, out), _answerer(setup), progress=False)
+  summary, _ = videoqa.run(_options(dataset, out), _answerer(tiny), progress=False)
   return summary, out / "results.jsonl"
 
 
@@ -233,6 +239,7 @@ def _recount(path):
   return rows, sum(r["pred"] == r["answer"] for r in rows) / len(rows), per
 
 
+@pytest.mark.slow      # the tiny model's first compile: ~30 s of CPU
 def test_in_process_end_to_end(fresh):
   summary, path = fresh
   rows, acc, per = _recount(path)
@@ -248,30 +255,31 @@ def test_in_process_end_to_end(fresh):
   assert f"| **overall** | 4 | {summary['correct']} |" in text and "skipped gone" in text
 
 
-def test_accuracy_of_scripted_answers(setup, tmp_path):
+def test_accuracy_of_scripted_answers(dataset, tmp_path):
   """Known answers in the forms models give: 3 of 4 right, the wrong one in the long bucket."""
   said = {"ball_right": "D", "ball_up": "The ball moves up.", "needle_0": "(A)",
           "needle_1": "Answer: D"}      # a needle's truth is its last option, D
   summary, text = videoqa.run(
-      _options(setup, tmp_path),
+      _options(dataset, tmp_path),
       lambda prompt, video: said[os.path.basename(video).removesuffix(".mp4")], progress=False)
   assert (summary["answered"], summary["correct"], summary["accuracy"]) == (4, 3, 0.75)
   assert summary["buckets"] == [("short", 1, 1), ("medium", 1, 1), ("long", 2, 1)]
   assert "| long | 2 | 1 | 50.0 |" in text and "| **overall** | 4 | 3 | **75.0** |" in text
 
 
-def test_resume_after_an_interrupted_run(setup, fresh, tmp_path):
+@pytest.mark.slow
+def test_resume_after_an_interrupted_run(dataset, tiny, fresh, tmp_path):
   # Interrupted after two questions (the second record cut mid-line), then rerun.
-  calls, answer = [], _answerer(setup)
+  calls, answer = [], _answerer(tiny)
   counting = lambda prompt, video: calls.append(video) or answer(prompt, video)
-  videoqa.run(_options(setup, tmp_path, limit=2), counting, progress=False)
+  videoqa.run(_options(dataset, tmp_path, limit=2), counting, progress=False)
   path = tmp_path / "results.jsonl"
   path.write_bytes(path.read_bytes()[:-20])
-  resumed, _ = videoqa.run(_options(setup, tmp_path), counting, progress=False)
+  resumed, _ = videoqa.run(_options(dataset, tmp_path), counting, progress=False)
   assert path.read_bytes() == fresh[1].read_bytes()
   assert len(calls) == 2 + 3           # the cut record was asked again, nothing else twice
   assert resumed == fresh[0]
-  again, _ = videoqa.run(_options(setup, tmp_path), counting, progress=False)
+  again, _ = videoqa.run(_options(dataset, tmp_path), counting, progress=False)
   assert len(calls) == 5 and again == fresh[0]     # all answered: only "gone" is retried
 
 
@@ -325,13 +333,14 @@ def _stand_in_server(model, tok, api_key):
   return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}", seen
 
 
-def test_through_the_openai_client_against_a_stand_in_server(setup, fresh, tmp_path):
-  _, _, model, tok = setup
+@pytest.mark.slow
+def test_through_the_openai_client_against_a_stand_in_server(dataset, tiny, fresh, tmp_path):
+  model, tok = tiny
   server, thread, url, seen = _stand_in_server(model, tok, "sekrit")
   try:
     with pytest.raises(UserError, match="refused the API key.*--api_key"):
-      videoqa.run(_options(setup, tmp_path / "x", server=url, api_key="wrong"), progress=False)
-    o = _options(setup, tmp_path, server=url, api_key="sekrit", send_max_frames=True)
+      videoqa.run(_options(dataset, tmp_path / "x", server=url, api_key="wrong"), progress=False)
+    o = _options(dataset, tmp_path, server=url, api_key="sekrit", send_max_frames=True)
     served, _ = videoqa.run(o, progress=False)
   finally:
     server.should_exit = True
@@ -345,15 +354,15 @@ def test_through_the_openai_client_against_a_stand_in_server(setup, fresh, tmp_p
   assert kinds == ["video_url", "text"]
 
 
-def test_unreachable_server_and_missing_model_flag(setup, tmp_path):
+def test_unreachable_server_and_missing_model_flag(dataset, tmp_path):
   sock = socket.socket()
   sock.bind(("127.0.0.1", 0))
   port = sock.getsockname()[1]
   sock.close()                                    # nothing listens there now
   with pytest.raises(UserError, match=f"cannot reach http://127.0.0.1:{port}/v1"):
-    videoqa.run(_options(setup, tmp_path, server=f"http://127.0.0.1:{port}"), progress=False)
+    videoqa.run(_options(dataset, tmp_path, server=f"http://127.0.0.1:{port}"), progress=False)
   with pytest.raises(UserError, match="exactly one of --model=DIR"):
-    videoqa.run(_options(setup, tmp_path), progress=False)
+    videoqa.run(_options(dataset, tmp_path), progress=False)
 
 
 def test_command_line_error_is_one_line(tmp_path):
