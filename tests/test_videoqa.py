@@ -22,7 +22,8 @@ FOUR = ("up", "down", "left", "right")
 @pytest.mark.parametrize("response, want", [
     ("B", "B"), ("b", "B"), ("C.", "C"), ("(D)", "D"), ("(A) up", "A"), ("B) down", "B"),
     ("C: the ball moves left", "C"), ("A. up", "A"), ("Answer: D", "D"),
-    ("The best answer is A.", "A"), ("The answer is (B).", "B"), ("Best option: (C)", "C"),
+    ("The best answer is A.", "A"), ("The best answer is: B", "B"), ("Best option:(C", "C"),
+    ("The answer is (B).", "B"), ("Best option: (C)", "C"),
     ("I think the answer is D because the ball goes right.", "D"), ("**C**", "C"),
     ("Option B is correct.", "B"), ("D\n", "D"),
     ("The ball moves to the left.", "C"),          # no letter: the option's text
