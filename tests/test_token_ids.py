@@ -123,3 +123,43 @@ def test_every_writer_keeps_the_ids(layout, tokenizer_dir, tmp_path):
   assert tokens_of(again.config) == tokens_of(model.config)
   np.testing.assert_allclose(logits(again), logits(model), rtol=0, atol=1e-5)
   jax.clear_caches()
+
+
+@pytest.mark.slow
+def test_ids_and_tokenizer_survive_the_conversion_chain(tokenizer_dir, tmp_path, capsys):
+  """A user's chain on a non-Qwen vocabulary: long_vita (with its tokenizer) -> internvl ->
+  long_vita with `vita_jax.convert`. Each hop copies the tokenizer files and keeps the ids;
+  generate-style loading with an image works on the internvl hop (ids checked against the
+  tokenizer), and verify runs its tokenized image prompt there, JAX against torch."""
+  from vita_jax import cli, convert, verify
+  from vita_jax.generate import build_prompt, load_for_inference
+  model = small_model(tokenizer_dir)
+  first, ivl, back = (str(tmp_path / n) for n in ("first", "ivl", "back"))
+  vita_jax.save_pretrained(model, first, layout="long_vita")
+  for name in os.listdir(tokenizer_dir):
+    shutil.copy(os.path.join(tokenizer_dir, name), first)
+  run = lambda *a: cli.invoke(convert.main, convert.FLAGS, ["convert", *a])  # noqa: E731
+  assert run(first, ivl, "--layout=internvl") == 0
+  assert run(ivl, back, "--layout=long_vita") == 0
+  for d in (ivl, back):
+    assert os.path.isfile(os.path.join(d, "tokenizer.json")), os.listdir(d)
+  assert tokens_of(vita_jax.load_pretrained(back).config) == tokens_of(model.config)
+
+  loaded, tok = load_for_inference(ivl)
+  ids, pixels = build_prompt(loaded, tok, "<image>\nwhat colour is the square",
+                             images=[_wide_image(tmp_path, model.config.vision.image_size)])
+  assert pixels.shape[0] == 3                       # thumbnail + 2 tiles, one block each
+  assert np.isin(ids, [loaded.config.tokens.img_context_id,
+                       loaded.config.tokens.patch_context_id]).sum() == 3 * 4
+  assert np.isfinite(np.asarray(loaded(ids, pixels))).all()
+
+  rows = verify.verify(ivl, "float32", ["torch"], out=print)
+  assert {r["case"] for r in rows} >= {"prompt"} and all(r["ok"] for r in rows), rows
+
+
+def _wide_image(tmp_path, side):
+  from PIL import Image
+  pixels = np.zeros((side, 2 * side, 3), np.uint8)
+  pixels[:, :side, 0] = 220
+  Image.fromarray(pixels).save(tmp_path / "wide.png")
+  return str(tmp_path / "wide.png")

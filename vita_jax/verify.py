@@ -21,6 +21,8 @@ import tempfile
 import numpy as np
 from absl import flags
 
+from vita_jax.errors import ConfigError
+
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 FRAMEWORKS = ("torch", "transformers")
 
@@ -32,6 +34,8 @@ flags.DEFINE_enum("dtype", "float32", list(TOLERANCE), "dtype both frameworks co
                   flag_values=FLAGS)
 flags.DEFINE_string("against", ",".join(FRAMEWORKS),
                     "comma-separated subset of " + ",".join(FRAMEWORKS), flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", "", "tokenizer directory (default: the --model directory's "
+                    "files, if any)", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "seed of the random inputs", flag_values=FLAGS)
 
 
@@ -127,8 +131,11 @@ def run_torch(model, case):
 
 
 def run_transformers(model, case):
-  """Logits sample by sample (spans); padding rows stay NaN and are not compared."""
+  """Logits sample by sample (spans); padding rows stay NaN and are not compared. The internvl
+  layout has one image token: every visual context id becomes it (as vita_jax.convert does)."""
   import torch
+  ids = case["ids"]
+  case = dict(case, ids=np.where(np.isin(ids, case["context_ids"]), case["context_ids"][0], ids))
   px = _nchw(case["pixels"])
   if px is not None:
     px = px.to(model.dtype)
@@ -172,17 +179,56 @@ def compare(ref, got, tol):
   return worst, float(delta.mean()) if delta.size else 0.0, bound, worst <= bound
 
 
-def verify(path: str, dtype: str = "float32", against=FRAMEWORKS, seed: int = 0, out=print):
-  """Run every case in every framework; print the table; return the rows (dicts)."""
+def prompt_case(cfg, tokenizer_dir: str) -> dict:
+  """One real prompt through the checkpoint's tokenizer: a wide image (thumbnail + 2 tiles) and
+  a question, as vita_jax.generate builds it; the model's token ids are checked against the
+  tokenizer first (a mismatch is a ConfigError naming the first id that differs)."""
+  from PIL import Image
+
+  from vita_jax.data.prompt import encode_prompt
+  from vita_jax.data.tokenizer import check_token_ids, load_tokenizer
+  tok = load_tokenizer(tokenizer_dir)
+  check_token_ids(tok, cfg.tokens)
+  side = cfg.vision.image_size
+  pixels = np.zeros((side, 2 * side, 3), np.uint8)
+  pixels[:, :side, 0], pixels[:, side:, 2] = 220, 200
+  with tempfile.TemporaryDirectory() as tmp:
+    image = f"{tmp}/wide.png"
+    Image.fromarray(pixels).save(image)
+    ids, px = encode_prompt(cfg, tok, "<image>\nWhat colours do you see?", [image], [], 1)
+  ids = np.asarray(ids, np.int64)
+  s = ids.shape[1]
+  return dict(ids=ids, pixels=px, positions=np.arange(s)[None], segment_ids=np.ones_like(ids),
+              spans=None)
+
+
+def find_tokenizer(path: str, tokenizer: str = "") -> str:
+  from vita_jax.data.tokenizer import has_tokenizer
+  return next((d for d in (tokenizer, path) if d and has_tokenizer(d)), "")
+
+
+def verify(path: str, dtype: str = "float32", against=FRAMEWORKS, seed: int = 0, out=print,
+           tokenizer: str = ""):
+  """Run every case in every framework; print the table; return the rows (dicts). With a
+  tokenizer (`tokenizer`, or files in `path`) a "prompt" case runs a tokenized image prompt."""
   import vita_jax
+  from vita_jax.models.vlm import context_token_ids
   unknown = [f for f in against if f not in FRAMEWORKS]
   if unknown:
-    raise ValueError(f"unknown framework {', '.join(unknown)} in --against; use a subset of "
-                     f"{','.join(FRAMEWORKS)}")
+    raise ConfigError(f"unknown framework {', '.join(unknown)} in --against; use a subset of "
+                      f"{','.join(FRAMEWORKS)}")
   tol = TOLERANCE[dtype]
-  jax_model = vita_jax.load_pretrained(path, dtype=dtype)
+  tokenizer = find_tokenizer(path, tokenizer)
+  jax_model = vita_jax.load_pretrained(path, dtype=dtype, tokenizer=tokenizer)
   cfg = jax_model.config
   cases = make_cases(cfg, seed=seed)
+  if tokenizer:
+    cases["prompt"] = prompt_case(cfg, tokenizer)
+  else:
+    out(f"note: no tokenizer in {path!r} (pass --tokenizer=DIR): the tokenized prompt case is "
+        "skipped")
+  context = np.asarray(context_token_ids(cfg.tokens))
+  cases = {name: dict(case, context_ids=context) for name, case in cases.items()}
   reference = {name: run_jax(jax_model, case) for name, case in cases.items()}
   rows = []
   with tempfile.TemporaryDirectory() as workdir:
@@ -191,7 +237,8 @@ def verify(path: str, dtype: str = "float32", against=FRAMEWORKS, seed: int = 0,
         import torch
 
         import vita_torch
-        model, runner = vita_torch.load_pretrained(path, dtype=getattr(torch, dtype)), run_torch
+        model = vita_torch.load_pretrained(path, dtype=getattr(torch, dtype), tokenizer=tokenizer)
+        runner = run_torch
       elif framework == "transformers":
         try:
           model = load_transformers(path, cfg.layout, dtype, workdir)
@@ -218,14 +265,13 @@ def verify(path: str, dtype: str = "float32", against=FRAMEWORKS, seed: int = 0,
 
 def main(argv) -> int:
 
-  from vita_jax.errors import ConfigError
   f = FLAGS
   against = [a.strip() for a in f.against.split(",") if a.strip()]
   unknown = sorted(set(against) - set(FRAMEWORKS))
   if unknown:
     raise ConfigError(f"--against={f.against!r}: unknown framework(s) {unknown}; use a subset of "
                       f"{','.join(FRAMEWORKS)}")
-  rows = verify(f.model, f.dtype, against, f.seed)
+  rows = verify(f.model, f.dtype, against, f.seed, tokenizer=f.tokenizer)
   if not rows:
     raise ConfigError("nothing was compared; pass --against=torch,transformers")
   failed = [r for r in rows if not r["ok"]]
