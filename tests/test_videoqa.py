@@ -97,7 +97,7 @@ def test_mlvu_buckets_and_question_type_fallback():
 
 
 def test_parquet(tmp_path):
-  import pyarrow as pa          # in the lock: Video-MME ships its questions as parquet
+  import pyarrow as pa  # in the lock: Video-MME ships its questions as parquet
   import pyarrow.parquet as pq
   pq.write_table(pa.Table.from_pylist([VIDEOMME]), tmp_path / "q.parquet")
   assert vd.load_questions(str(tmp_path / "q.parquet"))[1][0].answer == "C"
