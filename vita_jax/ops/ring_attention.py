@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -37,6 +38,7 @@ from vita_jax.ops.attention_tiles import (
   MASKED,
   SKIP,
   may_attend,
+  merge_partials,
   tile_backward,
   tile_forward,
   tile_kind,
@@ -55,6 +57,7 @@ class _Config(NamedTuple):
   q_chunk: int
   kv_chunk: int
   unroll: bool = False
+  impl: str = "jnp"     # the block kernel (BLOCK_KERNELS) every ring step runs
 
 
 def _cut(x, axis: int, i, size: int):
@@ -152,6 +155,73 @@ def _block_backward(qh, q_ids, dout, lse, delta, kv, kv_ids, grads, cfg: _Config
   return _loop(kv[0].shape[2] // ck, kv_step, grads, cfg)
 
 
+class BlockKernel(NamedTuple):
+  """The per-step attention of the ring and of the single-device path (one interface, several
+  implementations, so a fused kernel serves both):
+
+  forward(qh, q_ids, k, v, kv_ids, cfg) -> (out fp32 [B,H,G,Sq,D], lse fp32 [B,H,G,Sq]):
+    the normalised softmax of the query block qh [B,H,G,Sq,D] over the K/V block k/v
+    [B,H,Sk,D] (GQA: G query heads per KV head, K/V never repeated), natural-log LSE, -inf and
+    zeros for rows that see nothing. q_ids/kv_ids [2,B,S] = (segment ids, positions), so zigzag
+    and packed layouts mask right; blocks merge exactly with merge_partials.
+  backward(qh, q_ids, k, v, kv_ids, dout, lse, delta, cfg) -> (dq, dk, dv) fp32: this pair's
+    share of the gradients given the *global* lse (finite; 0 for rows that see nothing) and
+    delta = rowsum(dout * out), as in flash attention / ring-flash-attention.
+  cfg supplies causal, scale and the tile sizes q_chunk / kv_chunk (dividing Sq / Sk).
+  """
+  forward: Callable
+  backward: Callable
+
+
+def _jnp_forward(qh, q_ids, k, v, kv_ids, cfg: _Config):
+  stat = jnp.zeros_like(qh, jnp.float32, shape=qh.shape[:-1])
+  state = (jnp.zeros_like(qh, jnp.float32), stat - jnp.inf, stat)
+  acc, row_max, row_sum = _block_forward(qh, q_ids, (k, v), kv_ids, state, cfg)
+  seen = row_sum > 0
+  out = acc / jnp.where(seen, row_sum, 1.0)[..., None]
+  return out, jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
+
+
+def _jnp_backward(qh, q_ids, k, v, kv_ids, dout, lse, delta, cfg: _Config):
+  b, h, g, sq, d = qh.shape
+  grads = (jnp.zeros_like(qh, jnp.float32, shape=(b, h, d, g, sq)),
+           (jnp.zeros_like(k, jnp.float32), jnp.zeros_like(v, jnp.float32)))
+  dq_t, (dk, dv) = _block_backward(qh, q_ids, dout, lse, delta, (k, v), kv_ids, grads, cfg)
+  return (dq_t * cfg.scale).transpose(0, 1, 3, 4, 2), dk * cfg.scale, dv
+
+
+def _pallas_kernel() -> BlockKernel:
+  from vita_jax.ops import pallas_attention as pa  # deferred: Pallas is only loaded when used
+
+  def forward(qh, q_ids, k, v, kv_ids, cfg: _Config):
+    return pa.block_forward(qh, q_ids, k, v, kv_ids, causal=cfg.causal, scale=cfg.scale,
+                            block_q=cfg.q_chunk, block_k=cfg.kv_chunk)
+
+  def backward(qh, q_ids, k, v, kv_ids, dout, lse, delta, cfg: _Config):
+    return pa.block_backward(qh, q_ids, k, v, kv_ids, dout, lse, delta, causal=cfg.causal,
+                             scale=cfg.scale, block_q=cfg.q_chunk, block_k=cfg.kv_chunk)
+
+  return BlockKernel(forward, backward)
+
+
+# impl name -> BlockKernel (or a zero-argument factory for one, resolved on first use).
+BLOCK_KERNELS: dict[str, BlockKernel | Callable[[], BlockKernel]] = {
+  "jnp": BlockKernel(_jnp_forward, _jnp_backward),   # the chunked jnp tiles, runs everywhere
+  "pallas": _pallas_kernel,                          # vita_jax.ops.pallas_attention
+}
+
+
+def block_kernel(impl: str) -> BlockKernel:
+  """The BlockKernel registered as `impl` (a ValueError naming the choices otherwise)."""
+  if impl not in BLOCK_KERNELS:
+    raise ValueError(f"block attention impl={impl!r} is unknown; use one of "
+                     f"{sorted(BLOCK_KERNELS)}")
+  kernel = BLOCK_KERNELS[impl]
+  if not isinstance(kernel, BlockKernel):
+    kernel = BLOCK_KERNELS[impl] = kernel()
+  return kernel
+
+
 def _rotate(xs, cfg: _Config):
   """Send every array to the next device on the ring (shard i -> i + 1)."""
   perm = [(i, (i + 1) % cfg.num_shards) for i in range(cfg.num_shards)]
@@ -184,37 +254,39 @@ def _ring(step, kv, kv_ids, carry, cfg: _Config, rotate_carry: bool = False):
 
 
 def _ring_forward(qh, kv, ids, cfg: _Config):
-  """-> (out [B,H,G,S,D] in q's dtype, lse [B,H,G,S] fp32, -inf where nothing is visible)."""
+  """-> (out [B,H,G,S,D] in q's dtype, lse [B,H,G,S] fp32, -inf where nothing is visible).
+
+  Each ring step's block result (out_i, lse_i) is merged into the running (out, lse) in fp32
+  (merge_partials), whatever block kernel produced it."""
+  kernel = block_kernel(cfg.impl)
   # *_like keeps the varying-over-mesh-axes type that shard_map checks on loop carries.
-  stat = jnp.zeros_like(qh, jnp.float32, shape=qh.shape[:-1])
-  state = (jnp.zeros_like(qh, jnp.float32), stat - jnp.inf, stat)
+  state = (jnp.zeros_like(qh, jnp.float32),
+           jnp.zeros_like(qh, jnp.float32, shape=qh.shape[:-1]) - jnp.inf)
 
   def step(kv, kv_ids, state):
-    block = functools.partial(_block_forward, qh, ids, kv, kv_ids, cfg=cfg)
+    def block(state):
+      return merge_partials(*state, *kernel.forward(qh, ids, *kv, kv_ids, cfg))
     return _if_visible(ids, kv_ids, block, state, cfg)
 
-  acc, row_max, row_sum = _ring(step, kv, ids, state, cfg)
-  seen = row_sum > 0
-  out = acc / jnp.where(seen, row_sum, 1.0)[..., None]
-  lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
+  out, lse = _ring(step, kv, ids, state, cfg)
   return out.astype(qh.dtype), lse
 
 
 def _ring_backward(qh, kv, ids, out, lse, dout, cfg: _Config):
+  kernel = block_kernel(cfg.impl)
   dout = dout.astype(qh.dtype)
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   lse = jnp.where(jnp.isneginf(lse), 0.0, lse)   # such rows have every key masked
-  b, h, g, sq, d = qh.shape
-  grads = (jnp.zeros_like(qh, jnp.float32, shape=(b, h, d, g, sq)),
-           tuple(jnp.zeros_like(x, jnp.float32) for x in kv))
+  grads = (jnp.zeros_like(qh, jnp.float32), tuple(jnp.zeros_like(x, jnp.float32) for x in kv))
 
   def step(kv, kv_ids, grads):
-    block = functools.partial(_block_backward, qh, ids, dout, lse, delta, kv, kv_ids, cfg=cfg)
+    def block(grads):
+      dq, dk, dv = kernel.backward(qh, ids, *kv, kv_ids, dout, lse, delta, cfg)
+      return grads[0] + dq, (grads[1][0] + dk, grads[1][1] + dv)
     return _if_visible(ids, kv_ids, block, grads, cfg)
 
-  dq_t, (dk, dv) = _ring(step, kv, ids, grads, cfg, rotate_carry=True)
-  dq = (dq_t * cfg.scale).transpose(0, 1, 3, 4, 2)                 # [B, H, G, Sq, D]
-  return dq.astype(qh.dtype), (dk * cfg.scale).astype(kv[0].dtype), dv.astype(kv[1].dtype)
+  dq, (dk, dv) = _ring(step, kv, ids, grads, cfg, rotate_carry=True)
+  return dq.astype(qh.dtype), dk.astype(kv[0].dtype), dv.astype(kv[1].dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -272,11 +344,13 @@ def _check_shapes(q, k, v, segment_ids, positions):
 
 def blockwise_attention(q, k, v, segment_ids, positions, *, causal: bool = True,
                         scale: float | None = None, q_chunk: int = DEFAULT_Q_CHUNK,
-                        kv_chunk: int = DEFAULT_KV_CHUNK):
-  """Single-device attention with the ring's chunked kernel (no S x S matrix) -> [B,S,Hq,D]."""
+                        kv_chunk: int = DEFAULT_KV_CHUNK, impl: str = "jnp"):
+  """Single-device attention with the ring's block kernel `impl` (no S x S matrix) ->
+  [B,S,Hq,D]."""
   _check_shapes(q, k, v, segment_ids, positions)
+  block_kernel(impl)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-  cfg = _Config(None, 1, causal, scale, q_chunk, kv_chunk)
+  cfg = _Config(None, 1, causal, scale, q_chunk, kv_chunk, impl=impl)
   return _local_attention(q, k, v, segment_ids.astype(jnp.int32), positions.astype(jnp.int32),
                           cfg)
 
@@ -294,13 +368,15 @@ def _divisible_axes(mesh, names, size):
 
 def ring_attention(q, k, v, segment_ids, positions, *, mesh: jax.sharding.Mesh,
                    axis: str = "seq", causal: bool = True, scale: float | None = None,
-                   q_chunk: int = DEFAULT_Q_CHUNK, kv_chunk: int = DEFAULT_KV_CHUNK):
+                   q_chunk: int = DEFAULT_Q_CHUNK, kv_chunk: int = DEFAULT_KV_CHUNK,
+                   impl: str = "jnp"):
   """Exact attention with S sharded over mesh axis `axis` -> [B, S, Hq, D], same sharding.
 
   Batch is also sharded over ("data", "fsdp") and heads over "tensor" where those mesh axes
   exist, are > 1 and divide the dimension; otherwise those dimensions are replicated.
   """
   _check_shapes(q, k, v, segment_ids, positions)
+  block_kernel(impl)
   num_shards = mesh.shape.get(axis, 1)
   if q.shape[1] % num_shards:
     fixed = -(-q.shape[1] // num_shards) * num_shards
@@ -312,7 +388,7 @@ def ring_attention(q, k, v, segment_ids, positions, *, mesh: jax.sharding.Mesh,
   heads = head_axes[0] if head_axes else None
   x_spec, id_spec = P(batch, axis, heads, None), P(batch, axis)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-  cfg = _Config(axis, num_shards, causal, scale, q_chunk, kv_chunk)
+  cfg = _Config(axis, num_shards, causal, scale, q_chunk, kv_chunk, impl=impl)
   fn = jax.shard_map(functools.partial(_local_attention, cfg=cfg), mesh=mesh,
                      in_specs=(x_spec, x_spec, x_spec, id_spec, id_spec), out_specs=x_spec,
                      check_vma=True)
