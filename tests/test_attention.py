@@ -108,5 +108,5 @@ def test_kernel_hook_and_unknown_impl():
     assert calls == [D ** -0.5]
   finally:
     attn.LOCAL_KERNELS.pop("test_hook")
-  with pytest.raises(ValueError, match="impl='pallas' is unknown"):
-    attention(q, k, v, seg, pos, impl="pallas")
+  with pytest.raises(ValueError, match="impl='nope' is unknown"):
+    attention(q, k, v, seg, pos, impl="nope")

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from vita_jax.ops.dense import attention_mask, dot_product_attention
 from vita_jax.ops.ring_attention import (
+  BLOCK_KERNELS,
   DEFAULT_KV_CHUNK,
   DEFAULT_Q_CHUNK,
   blockwise_attention,
@@ -22,10 +23,15 @@ from vita_jax.ops.ring_attention import (
 __all__ = ["attention", "attention_mask", "dot_product_attention", "register_kernel"]
 
 
-def _blockwise(q, k, v, segment_ids, positions, *, causal, scale, q_chunk, kv_chunk):
-  return blockwise_attention(q, k, v, segment_ids, positions, causal=causal, scale=scale,
-                             q_chunk=q_chunk or DEFAULT_Q_CHUNK,
-                             kv_chunk=kv_chunk or DEFAULT_KV_CHUNK)
+def _blockwise(impl: str):
+  """The ring's block kernel `impl` run on one device (no ring axis)."""
+
+  def kernel(q, k, v, segment_ids, positions, *, causal, scale, q_chunk, kv_chunk):
+    return blockwise_attention(q, k, v, segment_ids, positions, causal=causal, scale=scale,
+                               q_chunk=q_chunk or DEFAULT_Q_CHUNK,
+                               kv_chunk=kv_chunk or DEFAULT_KV_CHUNK, impl=impl)
+
+  return kernel
 
 
 def _dense(q, k, v, segment_ids, positions, *, causal, scale, q_chunk, kv_chunk):
@@ -48,9 +54,10 @@ def _jax_nn(implementation: str):
 
 
 # name -> kernel(q, k, v, segment_ids, positions, *, causal, scale, q_chunk, kv_chunk).
-# "jnp" (default) is the chunked kernel the ring uses, runs everywhere, never builds [S, S].
-LOCAL_KERNELS = {"jnp": _blockwise, "dense": _dense, "xla": _jax_nn("xla"),
-                 "cudnn": _jax_nn("cudnn")}
+# "jnp" (default) is the chunked kernel the ring uses, runs everywhere, never builds [S, S];
+# "pallas" is the ring's Pallas block kernel (interpret mode on CPU).
+LOCAL_KERNELS = {"jnp": _blockwise("jnp"), "pallas": _blockwise("pallas"), "dense": _dense,
+                 "xla": _jax_nn("xla"), "cudnn": _jax_nn("cudnn")}
 
 
 def register_kernel(name: str, kernel) -> None:
@@ -64,21 +71,24 @@ def attention(q, k, v, segment_ids, positions, *, mesh: jax.sharding.Mesh | None
   """The attention models call: q [B,S,Hq,D], k/v [B,S,Hkv,D] -> [B,S,Hq,D].
 
   With `mesh` whose `axis` has more than one device the sequence is sharded and the ring runs
-  (its inner kernel is the chunked jnp one whatever `impl` says); on other multi-device meshes
-  the "jnp" kernel runs per device inside the same shard_map. Otherwise `impl` picks the
-  local kernel from LOCAL_KERNELS: "jnp" (chunked, default), "dense" (the reference), "xla" or
+  with `impl` as its block kernel when it is one (BLOCK_KERNELS: "jnp", "pallas"), else with
+  "jnp" (the other kernels return no LSE to merge); on other multi-device meshes a block
+  kernel runs per device inside the same shard_map. Otherwise `impl` picks the
+  local kernel from LOCAL_KERNELS: "jnp" (chunked, default), "pallas" (the Pallas block
+  kernel), "dense" (the reference), "xla" or
   "cudnn" (`jax.nn.dot_product_attention`; they build the [S, S] mask, so short sequences only).
   """
+  if impl not in LOCAL_KERNELS:
+    raise ValueError(f"attention impl={impl!r} is unknown; use one of {sorted(LOCAL_KERNELS)} "
+                     "or register one with vita_jax.ops.attention.register_kernel")
   if mesh is not None and axis in mesh.shape and (mesh.shape[axis] > 1 or
-                                                   (mesh.size > 1 and impl == "jnp")):
+                                                   (mesh.size > 1 and impl in BLOCK_KERNELS)):
     # On a multi-device mesh without sequence sharding this is the ring with one shard:
     # the same kernel, run per device on its batch/head shard.
     return ring_attention(q, k, v, segment_ids, positions, mesh=mesh, axis=axis, causal=causal,
                           scale=scale, q_chunk=q_chunk or DEFAULT_Q_CHUNK,
-                          kv_chunk=kv_chunk or DEFAULT_KV_CHUNK)
-  if impl not in LOCAL_KERNELS:
-    raise ValueError(f"attention impl={impl!r} is unknown; use one of {sorted(LOCAL_KERNELS)} "
-                     "or register one with vita_jax.ops.attention.register_kernel")
+                          kv_chunk=kv_chunk or DEFAULT_KV_CHUNK,
+                          impl=impl if impl in BLOCK_KERNELS else "jnp")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return LOCAL_KERNELS[impl](q, k, v, segment_ids, positions, causal=causal, scale=scale,
                              q_chunk=q_chunk, kv_chunk=kv_chunk)

@@ -45,6 +45,12 @@ def _mask(q_seg, q_pos, kv_seg, kv_pos, causal: bool):
   return mask
 
 
+def _out(shape, like):
+  """An fp32 output shape that varies over the same mesh axes as `like` (shard_map's check)."""
+  return jax.ShapeDtypeStruct(shape, jnp.float32,
+                              manual_axis_type=getattr(jax.typeof(like), "mat", None))
+
+
 def _interpret() -> bool:
   """Interpret mode where the computation runs on CPU (no Pallas lowering exists there)."""
   return jax.default_backend() == "cpu"
@@ -100,8 +106,7 @@ def block_forward(qh, q_ids, k, v, kv_ids, *, causal: bool, scale: float, block_
       kernel, grid=(b, h, g, sq // block_q),
       in_specs=[q_spec, qid_spec, qid_spec, kv_spec, kv_spec, kvid_spec, kvid_spec],
       out_specs=[q_spec, row_spec],
-      out_shape=[jax.ShapeDtypeStruct(qh.shape, jnp.float32),
-                 jax.ShapeDtypeStruct(qh.shape[:-1], jnp.float32)],
+      out_shape=[_out(qh.shape, qh), _out(qh.shape[:-1], qh)],
       interpret=_interpret(), name="vita_attention_fwd",
   )(qh, *q_ids, k, v, *kv_ids)
 
@@ -162,7 +167,7 @@ def block_backward(qh, q_ids, k, v, kv_ids, dout, lse, delta, *, causal: bool, s
       grid=(b, h, g, sq // block_q),
       in_specs=[q_spec, q_spec, row_spec, row_spec, qid_spec, qid_spec, kv_spec, kv_spec,
                 kvid_spec, kvid_spec],
-      out_specs=q_spec, out_shape=jax.ShapeDtypeStruct(qh.shape, jnp.float32),
+      out_specs=q_spec, out_shape=_out(qh.shape, qh),
       interpret=interpret, name="vita_attention_dq",
   )(*args)
 
@@ -178,7 +183,7 @@ def block_backward(qh, q_ids, k, v, kv_ids, dout, lse, delta, *, causal: bool, s
       in_specs=[q_all, q_all, rows_all, rows_all, qid_all, qid_all, kv_tile, kv_tile,
                 kvid_tile, kvid_tile],
       out_specs=[kv_tile, kv_tile],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2,
+      out_shape=[_out(k.shape, k)] * 2,
       interpret=interpret, name="vita_attention_dkv",
   )(*args)
   return dq, dk, dv
