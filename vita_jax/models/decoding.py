@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from vita_jax.models.common import rms_norm
+from vita_jax.models.common import exact_in_fp32_step, rms_norm
 from vita_jax.models.llm import layer_finish, layer_qkv, rope_tables
 from vita_jax.ops.attention import attention
 from vita_jax.ops.cache_attention import decode_attention
@@ -75,6 +75,7 @@ def sample(logits, key, sampling: Sampling):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+@exact_in_fp32_step
 def prefill_step(graphdef, state, ids, ctx_index, features, positions, segment_ids, last, *,
                  mesh, new_len):
   """Prompt (zigzag layout, [B, S]) -> (fp32 logits [B, V] at `last`, Cache)."""
@@ -104,6 +105,7 @@ def prefill_step(graphdef, state, ids, ctx_index, features, positions, segment_i
   return logits, cache
 
 
+@exact_in_fp32_step
 def decode_step(graphdef, state, st: Decoding, *, mesh, sampling, eos_id, pad_id):
   """Feed the last generated token, sample the next one."""
   model = nnx.merge(graphdef, state)
