@@ -117,7 +117,7 @@ class Qwen2(nnx.Module):
     x = run_layers(body, x, self.layer_params(), scan=self.scan_layers, remat_policy=self.remat)
     return rms_norm(x, self.final_norm[...].astype(x.dtype), eps)
 
-  def head_weight(self):
+  def lm_head_weight(self):
     """[D, V] LM head kernel (the embedding transposed when tied)."""
     if self.cfg.tie_embeddings:
       return self.embedding[...].T
@@ -125,5 +125,5 @@ class Qwen2(nnx.Module):
 
   @exact_in_fp32
   def logits(self, hidden):
-    w = self.head_weight().astype(hidden.dtype)
+    w = self.lm_head_weight().astype(hidden.dtype)
     return jnp.einsum("bsd,dv->bsv", hidden, w, preferred_element_type=jnp.float32)

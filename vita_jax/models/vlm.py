@@ -109,4 +109,4 @@ class LongVITA(nnx.Module):
 
   def lm_head_weight(self):
     """[D, V] LM head kernel (the embedding transposed when embeddings are tied)."""
-    return self.llm.head_weight()
+    return self.llm.lm_head_weight()
