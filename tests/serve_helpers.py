@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-import httpx
+import httpx2 as httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 600           # a loaded 2-core CI machine compiles slowly

@@ -14,7 +14,7 @@ import json
 import re
 import time
 
-import httpx
+import httpx2 as httpx
 import openai
 import pytest
 

@@ -300,6 +300,7 @@ class Engine:
 
   def _finish(self, slot: int, h: Handle, reason: str, text: str = "") -> None:
     self._active[slot] = None
+    self.metrics.active.set(sum(a is not None for a in self._active))
     self._end(h, Event(text=text, finish_reason=reason))
 
   def _end(self, h: Handle, event: Event) -> None:
