@@ -44,7 +44,7 @@ def demo_media(media_root: str) -> dict[str, str]:
   src = os.path.join(ensure_demo_data(), "demo", "media")
   os.makedirs(media_root, exist_ok=True)
   out = {}
-  for name in ("img_00000.png", "img_00001.png", "img_00003.png", "vid_00000.mp4"):
+  for name in ("img_00000.png", "img_00003.png", "vid_00000.mp4"):
     out[name] = shutil.copy(os.path.join(src, name), os.path.join(media_root, name))
   return out
 

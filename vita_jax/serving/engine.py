@@ -249,8 +249,10 @@ class Engine:
   def _admit(self, slot: int, h: Handle) -> None:
     r = h.request
     try:
+      # max_new_tokens=1: `check` did the length test, and prefill's own generated-token
+      # buffer (sized by it, a compile per size) is not used here.
       logits, cache, s = gen.prefill(self.model, r.ids, r.pixels, seq_shards=self.shards,
-                                     max_new_tokens=r.max_tokens)
+                                     max_new_tokens=1)
       self.slots, first = self._insert(
           self.slots, np.int32(slot), logits, cache, np.int32(s),
           jax.random.PRNGKey(r.seed), np.float32(r.temperature), np.int32(r.top_k),
