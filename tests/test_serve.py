@@ -21,6 +21,9 @@ import pytest
 from tests import serve_helpers
 from vita_jax import generate as gen
 
+# Server start-up and the compilations of each prompt bucket (server and references) take a few
+# minutes on a small CPU machine: long tests, run by default, skipped with -m 'not slow'.
+pytestmark = pytest.mark.slow
 KEY = "test-key"
 SHARDS = 2
 MAX_FRAMES = 4

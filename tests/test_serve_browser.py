@@ -13,10 +13,10 @@ from tests import serve_helpers
 from vita_jax import generate as gen
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)),
     reason=f"needs Debian's chromium and chromedriver ({CHROMIUM}, {DRIVER}); `make setup` "
-    "installs them")
+    "installs them")]
 QUESTION, NEW = "What colour is the shape?", 12
 
 
