@@ -50,7 +50,7 @@ from vita_jax.spec.tokens import check_visual_tokens, context_index
 from vita_jax.spec.zigzag import inverse_permutation, zigzag_permutation
 
 __all__ = ["Cache", "ConfigError", "Decoding", "Sampling", "bucket_length", "build_prompt",
-           "generate", "load_for_inference", "max_length_of", "prefill", "sample",
+           "generate", "load_for_inference", "max_length_of", "placement", "prefill", "sample",
            "vision_features"]
 
 VISION_CHUNK_PER_DEVICE = 8
@@ -115,6 +115,13 @@ def _runner(model, seq_shards: int, fsdp: int = 1, tensor: int = 1) -> _Runner:
     mesh = make_mesh(sizes, devices=devices[:seq_shards * fsdp * tensor])
     per_model[key] = _Runner(model, mesh)
   return per_model[key]
+
+
+def placement(model, seq_shards: int = 1):
+  """(mesh, model state placed on it) that `prefill` uses, for decoders that jit their own steps
+  over the same placement (vita_jax.serving.engine)."""
+  runner = _runner(model, seq_shards)
+  return runner.mesh, runner.state(model)
 
 
 def vision_features(model, pixel_values, runner: _Runner, state, *, chunk: int | None = None):
