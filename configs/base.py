@@ -108,6 +108,7 @@ def stage_config(*, stage: int, size: str, seq_len: int, trainable: tuple[str, .
       data_root="runs/demo_data" if demo else "data",
       # "name=weight,..." — each name resolves to <data_root>/<name>/*.jsonl
       mixture="demo=1.0" if demo else ",".join(f"{k}={v}" for k, v in (mixture or {}).items()),
+      ordered_sources="",                     # mixture names read in file order (curricula)
       manifest="",                            # a user's own manifest overrides the mixture
       eval_manifest="runs/demo_data/demo_eval/eval.jsonl" if demo else "",
       tokenizer="runs/demo_data/tokenizer" if demo else "",
