@@ -63,6 +63,14 @@ def parse_size(arg: str | None) -> str:
   return size
 
 
+def parse_recipe(arg: str | None) -> tuple[str, bool]:
+  """(size, demo): `demo` after the colon is the tiny model with the needle demo's recipe
+  (docs/demo.md); any other value is a size as in `parse_size`."""
+  if arg == "demo":
+    return "tiny", True
+  return parse_size(arg), False
+
+
 # Per-size overrides of the stage recipes: sequence length, batch and frames that fit the
 # machine the size is meant for. The 14b numbers are the release's (docs/design.md#stages).
 _SIZE_SCALE = {

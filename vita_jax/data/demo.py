@@ -302,7 +302,7 @@ def _is_complete(root: str, name: str = "VERSION", version: str = VERSION) -> bo
 NEEDLE_LENGTHS = (8, 16, 24, 32)
 
 
-def write_needle_curriculum(out: str, lengths=NEEDLE_LENGTHS, per_length: int = 150,
+def write_needle_curriculum(out: str, lengths=NEEDLE_LENGTHS, per_length: int = 250,
                             seed: int = 2) -> str:
   """`<out>/train.jsonl`: `per_length` needle videos of each length, shortest first.
 
