@@ -37,10 +37,10 @@ setup-cuda: setup
 # 8..128-frame videos the training never saw: table, random-guess baseline, heatmap.
 DEMO := runs/demo
 train: setup
-	$(PY) -m vita_jax.train --config=configs/stage2.py:demo --workdir=$(DEMO)/stage2
+	$(PY) -m vita_jax.train --config=configs/stage2.py:demo --workdir=$(DEMO)_stage2
 	XLA_FLAGS="$$XLA_FLAGS --xla_force_host_platform_device_count=2" $(PY) -m vita_jax.train \
-	  --config=configs/stage3.py:demo --workdir=$(DEMO)/stage3 --config.init_from=$(DEMO)/stage2
-	$(PY) -m vita_jax.eval.needle --model=$(DEMO)/stage3 --frames=8,16,32,64,128 \
+	  --config=configs/stage3.py:demo --workdir=$(DEMO) --config.init_from=$(DEMO)_stage2
+	$(PY) -m vita_jax.eval.needle --model=$(DEMO) --frames=8,16,32,64,128 \
 	  --depths=0,0.25,0.5,0.75,1 --samples=2 --out=$(DEMO)/needle.png
 
 test: setup
