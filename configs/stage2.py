@@ -1,6 +1,6 @@
 """Stage 2 — general knowledge: everything trains (ViT LR x0.1, layer decay 0.9).
 
-    python -m vita_jax.train --config=configs/stage2.py:demo --workdir=runs/demo/stage2
+    python -m vita_jax.train --config=configs/stage2.py:demo --workdir=runs/demo_stage2
 
 `:demo` is the first step of `make train` (docs/demo.md): the tiny model on the demo corpus
 (generated on first use), its randomly initialised ViT at the full LR; the loss falls within

@@ -12,7 +12,7 @@ devices (`XLA_FLAGS=--xla_force_host_platform_device_count=2`), reading the need
 (videos of 8, 16, 24 then 32 frames, in that order) mixed with the stage-2 corpus:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m vita_jax.train \\
-        --config=configs/stage3.py:demo --workdir=runs/demo/stage3
+        --config=configs/stage3.py:demo --workdir=runs/demo --config.init_from=runs/demo_stage2
 """
 
 from configs import base
@@ -21,7 +21,7 @@ from configs import base
 # (~800 tokens) with room to spare; the tile budget fits two rows of 32-frame videos.
 TINY = dict(seq_len=2048, global_batch_size=2, max_frames=32, tiles_per_batch=640,
             mixture="needle=0.5,demo=0.5", ordered_sources="needle", seq=2, steps=120,
-            peak_lr=5e-4, min_lr=1e-5, init_from="runs/demo/stage2")
+            peak_lr=5e-4, min_lr=1e-5, init_from="runs/demo_stage2")
 
 
 def get_config(arg=None):
