@@ -32,8 +32,16 @@ $(STAMP): requirements.lock pyproject.toml
 setup-cuda: setup
 	$(PY) -m pip install -q "jax[cuda13]==$$(sed -n 's/^jax==//p' requirements.lock)"
 
+# The demo (docs/demo.md): stage 2 on the demo corpus, stage 3 from it with ring attention over
+# 2 fake CPU devices on the needle curriculum (videos of 8..32 frames), then the needle test on
+# 8..128-frame videos the training never saw: table, random-guess baseline, heatmap.
+DEMO := runs/demo
 train: setup
-	$(PY) -m vita_jax.train --config=configs/stage2.py:tiny --workdir=runs/demo
+	$(PY) -m vita_jax.train --config=configs/stage2.py:demo --workdir=$(DEMO)_stage2
+	XLA_FLAGS="$$XLA_FLAGS --xla_force_host_platform_device_count=2" $(PY) -m vita_jax.train \
+	  --config=configs/stage3.py:demo --workdir=$(DEMO) --config.init_from=$(DEMO)_stage2
+	$(PY) -m vita_jax.eval.needle --model=$(DEMO) --frames=8,16,32,64,128 \
+	  --depths=0,0.25,0.5,0.75,1 --samples=2 --out=$(DEMO)/needle.png
 
 test: setup
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15

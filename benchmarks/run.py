@@ -35,6 +35,7 @@ FIGURES = {  # name -> module
     "lm_head": "benchmarks.fig_lm_head",
     "long_prefill": "benchmarks.fig_long_prefill",
     "torch_mirror": "benchmarks.fig_torch_mirror",
+    "serve": "benchmarks.fig_serve",
 }
 
 

@@ -63,6 +63,14 @@ def parse_size(arg: str | None) -> str:
   return size
 
 
+def parse_recipe(arg: str | None) -> tuple[str, bool]:
+  """(size, demo): `demo` after the colon is the tiny model with the needle demo's recipe
+  (docs/demo.md); any other value is a size as in `parse_size`."""
+  if arg == "demo":
+    return "tiny", True
+  return parse_size(arg), False
+
+
 # Per-size overrides of the stage recipes: sequence length, batch and frames that fit the
 # machine the size is meant for. The 14b numbers are the release's (docs/design.md#stages).
 _SIZE_SCALE = {
@@ -108,6 +116,7 @@ def stage_config(*, stage: int, size: str, seq_len: int, trainable: tuple[str, .
       data_root="runs/demo_data" if demo else "data",
       # "name=weight,..." — each name resolves to <data_root>/<name>/*.jsonl
       mixture="demo=1.0" if demo else ",".join(f"{k}={v}" for k, v in (mixture or {}).items()),
+      ordered_sources="",                     # mixture names read in file order (curricula)
       manifest="",                            # a user's own manifest overrides the mixture
       eval_manifest="runs/demo_data/demo_eval/eval.jsonl" if demo else "",
       tokenizer="runs/demo_data/tokenizer" if demo else "",

@@ -3,7 +3,9 @@
 # devices, joined by `jax.distributed` through a coordinator on 127.0.0.1.
 #
 #   launch/local.sh [--dry-run] [--port=N] NPROC DEVICES_PER_PROC -- <command...>
-#   launch/local.sh 2 4 -- python -m vita_jax.train --config=configs/stage3.py:tiny --workdir=runs/mp
+#   launch/local.sh 2 4 -- python -m vita_jax.train --config=configs/stage3.py:tiny --workdir=runs/mp \
+#       --config.mesh.data=1 --config.mesh.fsdp=4 --config.mesh.seq=2
+#   (the tiny batch of 4 cannot split over the 8 data shards the default mesh would use)
 #
 # Each process gets JAX_PLATFORMS=cpu, XLA_FLAGS=--xla_force_host_platform_device_count=N (any
 # other XLA flags are kept), JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, which

@@ -73,7 +73,7 @@ def test_vision_features(checkpoints, models):
     vit = hf.model.vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]
     for model in models.values():
       assert (model.image_features(pixels) - ref).abs().max() <= 1e-5
-      assert (model.vision_features(pixels) - vit).abs().max() <= 1e-5
+      assert (model.vit_features(pixels) - vit).abs().max() <= 1e-5
 
 
 def test_packing_equals_separate_sequences(checkpoints, models):

@@ -248,3 +248,26 @@ def test_truncate_long_sample_at_turn_boundary(demo_root):
   assert text.count("<|im_start|>") % 2 == 0                 # whole user/assistant pairs
   config.data.truncate_long_samples = False
   assert pipeline.make_prepare(config)(record)["skip"] == "too_long"
+
+
+def test_ordered_source_is_read_in_file_order(demo_root, tmp_path):
+  """A source named in data.ordered_sources (the needle curriculum) comes in file order, while
+  an unordered one is shuffled; a name the mixture lacks is refused with the fix."""
+  import re
+  path = tmp_path / "curriculum.jsonl"
+  path.write_text("".join(json.dumps({"messages": [
+      {"role": "user", "content": f"What is {k} plus 0?"},
+      {"role": "assistant", "content": str(k)}]}) + "\n" for k in range(12)))
+  tok = load_tokenizer(os.path.join(demo_root, "tokenizer"))
+
+  def order(ordered):
+    config = tiny(demo_root, manifest=str(path), ordered_sources=ordered, global_batch_size=1,
+                  seq_len=512, prefetch=0)
+    batch = next(pipeline.make_train_iterator(config))
+    text = tok.decode([int(t) for t in batch["input_ids"][0] if t != tok.pad_id])
+    return [int(k) for k in re.findall(r"What is (\d+) plus", text)][:12]  # one epoch
+
+  assert order("curriculum") == list(range(12))
+  assert sorted(order("")) == list(range(12)) and order("") != list(range(12))
+  with pytest.raises(ConfigError, match="ordered_sources names \\['needle'\\]"):
+    order("needle")

@@ -139,3 +139,32 @@ def test_bucket_length():
   assert gen.bucket_length(37, 1) == 64 and gen.bucket_length(37, 8) == 64
   assert gen.bucket_length(16, 8) == 16 and gen.bucket_length(17, 8) == 32
   assert gen.bucket_length(1, 3) == 6 and gen.bucket_length(7, 3) == 12
+
+
+@pytest.mark.parametrize("seq, fsdp, tensor", [
+    (2, 1, 4), pytest.param(4, 2, 1, marks=pytest.mark.slow),
+    pytest.param(8, 1, 1, marks=pytest.mark.slow), pytest.param(2, 2, 2, marks=pytest.mark.slow)])
+def test_sharded_parameters_match_naive_greedy(model, reference, seq, fsdp, tensor):
+  """Parameters split over fsdp and/or tensor besides the sequence over seq: the same greedy
+  tokens and last-position logits (fp32, <= 1e-4) as the unsharded naive loop."""
+  ids, pixels, want_tokens, want_logits = reference
+  kw = dict(seq_shards=seq, fsdp=fsdp, tensor=tensor, vision_chunk=2)
+  logits, cache, _ = gen.prefill(model, ids, pixels, max_new_tokens=NEW, **kw)
+  np.testing.assert_allclose(np.asarray(logits), want_logits, atol=1e-4, rtol=0)
+  mesh = gen._runner(model, seq, fsdp, tensor).mesh
+  assert dict(mesh.shape) == {"data": 1, "fsdp": fsdp, "seq": seq, "tensor": tensor}
+  state = gen._runner(model, seq, fsdp, tensor).state(model)
+  axes = lambda spec: {a for e in spec for a in (e if isinstance(e, tuple) else (e,))}
+  split = [leaf for leaf in gen.jax.tree.leaves(state)
+           if axes(leaf.sharding.spec) & {"fsdp", "tensor"}]
+  if fsdp * tensor > 1:                 # the weights really are split, not replicated
+    assert split and all(s.data.size < leaf.size for leaf in split[:3]
+                         for s in leaf.addressable_shards)
+  got = gen.generate(model, ids, pixels, max_new_tokens=NEW, **kw)
+  np.testing.assert_array_equal(got, want_tokens)
+
+
+def test_mesh_larger_than_the_devices_is_an_error(model):
+  with pytest.raises(gen.ConfigError, match=r"seq_shards=4 x fsdp=2 x tensor=2 needs that many"):
+    gen.generate(model, np.ones((1, 8), np.int32), max_new_tokens=2, seq_shards=4, fsdp=2,
+                 tensor=2)

@@ -31,7 +31,8 @@ FRAMEWORKS = ("jax", "jaxlib", "flax", "optax", "orbax", "torch")
 JAX_FREE_PREFIXES = ("vita_jax.errors", "vita_jax.cli", "vita_jax.spec", "vita_jax.data")
 LAYERS = {"vita_jax.errors": 0, "vita_jax.cli": 0, "vita_jax.spec": 1, "vita_jax.data": 2,
           "vita_jax.parallel": 2, "vita_jax.ops": 3, "vita_jax.models": 4,
-          "vita_jax.training": 5, "vita_jax.checkpoints": 5, "vita_jax.eval": 7}
+          "vita_jax.training": 5, "vita_jax.checkpoints": 5, "vita_jax.eval": 7,
+          "vita_jax.serving": 7, "vita_jax.serve": 8}
 TOP_LEVEL = 6
 
 

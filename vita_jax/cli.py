@@ -106,10 +106,11 @@ def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None, *,
         flag_values=None) -> None:
   """Run a command's `main(argv)` and exit.
 
-  Commands with `--config` use absl's global flags and `app.run`. The others keep their flags in
-  their own `flags.FlagValues` (`flag_values`), so tests can run several commands in one process
-  with `invoke` (their flag names would clash in the global set: `--dtype` means different
-  things to convert and verify).
+  By default the command's flags are absl's global ones and `app.run` parses them (the commands
+  with `--config`, serve, the evaluations). Commands that tests run in process side by side
+  (generate, convert, verify, vita_torch.generate, the data tools) keep theirs in their own
+  `flags.FlagValues` (`flag_values`) and run through `invoke`: in the global set their names
+  would clash (`--dtype` means different things to convert and verify).
   """
   argv = list(sys.argv if argv is None else argv)
   if flag_values is not None:

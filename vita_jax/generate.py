@@ -50,7 +50,7 @@ from vita_jax.spec.tokens import check_visual_tokens, context_index
 from vita_jax.spec.zigzag import inverse_permutation, zigzag_permutation
 
 __all__ = ["Cache", "ConfigError", "Decoding", "Sampling", "bucket_length", "build_prompt",
-           "generate", "load_for_inference", "max_length_of", "prefill", "sample",
+           "generate", "load_for_inference", "max_length_of", "placement", "prefill", "sample",
            "vision_features"]
 
 VISION_CHUNK_PER_DEVICE = 8
@@ -97,18 +97,31 @@ def _vision_chunk(graphdef, state, pixels, mesh):
 _RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _runner(model, seq_shards: int) -> _Runner:
+def _runner(model, seq_shards: int, fsdp: int = 1, tensor: int = 1) -> _Runner:
+  """The runner of a generation mesh: the prompt and its KV cache sharded over `seq`, the
+  parameters over `fsdp` and `tensor` by their logical axes (so a model too large for one device
+  is served by several)."""
   devices = jax.devices()
-  if not 1 <= seq_shards <= len(devices):
-    raise ConfigError(f"seq_shards={seq_shards} needs that many devices but {len(devices)} are "
-                      f"available; use --seq_shards between 1 and {len(devices)} (on CPU, fake "
-                      "devices come from XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  sizes = {"data": 1, "fsdp": fsdp, "seq": seq_shards, "tensor": tensor}
+  bad = {k: v for k, v in sizes.items() if v < 1}
+  if bad or seq_shards * fsdp * tensor > len(devices):
+    raise ConfigError(f"seq_shards={seq_shards} x fsdp={fsdp} x tensor={tensor} needs that many "
+                      f"devices but {len(devices)} are available; use sizes >= 1 whose product "
+                      f"is at most {len(devices)} (on CPU, fake devices come from "
+                      "XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   per_model = _RUNNERS.setdefault(model, {})
-  if seq_shards not in per_model:
-    mesh = make_mesh({"data": 1, "fsdp": 1, "seq": seq_shards, "tensor": 1},
-                     devices=devices[:seq_shards])
-    per_model[seq_shards] = _Runner(model, mesh)
-  return per_model[seq_shards]
+  key = (seq_shards, fsdp, tensor)
+  if key not in per_model:
+    mesh = make_mesh(sizes, devices=devices[:seq_shards * fsdp * tensor])
+    per_model[key] = _Runner(model, mesh)
+  return per_model[key]
+
+
+def placement(model, seq_shards: int = 1):
+  """(mesh, model state placed on it) that `prefill` uses, for decoders that jit their own steps
+  over the same placement (vita_jax.serving.engine)."""
+  runner = _runner(model, seq_shards)
+  return runner.mesh, runner.state(model)
 
 
 def vision_features(model, pixel_values, runner: _Runner, state, *, chunk: int | None = None):
@@ -140,7 +153,7 @@ def max_length_of(model) -> int | None:
 
 def prefill(model, input_ids, pixel_values=None, *, seq_shards: int = 1, max_new_tokens: int = 1,
             max_length: int | None = None, vision_chunk: int | None = None,
-            timings: dict | None = None):
+            timings: dict | None = None, fsdp: int = 1, tensor: int = 1):
   """Run the prompt; -> (fp32 logits [B, V] at the last prompt token, Cache, prompt_len).
 
   The prompt is padded to `bucket_length(S, seq_shards)`, zigzagged and sharded over `seq`.
@@ -157,7 +170,7 @@ def prefill(model, input_ids, pixel_values=None, *, seq_shards: int = 1, max_new
         f"in all, more than the model's maximum length {max_length} "
         "(config.llm.max_position_embeddings); shorten the prompt (fewer frames or tiles) or "
         "generate fewer tokens")
-  runner = _runner(model, seq_shards)
+  runner = _runner(model, seq_shards, fsdp, tensor)
   mesh = runner.mesh
   state = runner.state(model)
   t0 = time.perf_counter()
@@ -189,9 +202,12 @@ def prefill(model, input_ids, pixel_values=None, *, seq_shards: int = 1, max_new
 def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int, seq_shards: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              eos_id: int | None = None, seed: int = 0, max_length: int | None = None,
-             vision_chunk: int | None = None, on_token=None, timings: dict | None = None):
+             vision_chunk: int | None = None, on_token=None, timings: dict | None = None,
+             fsdp: int = 1, tensor: int = 1):
   """Generate up to `max_new_tokens` tokens after `input_ids` int [B, S] -> int32 [B, new].
 
+  The generation mesh has `seq_shards` x `fsdp` x `tensor` devices: the prompt and KV cache are
+  split over `seq`, the parameters over `fsdp` and `tensor` (docs/inference.md).
   Greedy at temperature 0. Generation stops early once every row has produced `eos_id`
   (which is kept; rows that finished earlier are filled with the config's pad id).
   `pixel_values` float32 [tiles, H, W, 3] feed the visual context tokens in order.
@@ -203,8 +219,9 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int, seq_sh
     raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1 (--max_new_tokens)")
   logits, cache, s = prefill(model, input_ids, pixel_values, seq_shards=seq_shards,
                              max_new_tokens=max_new_tokens, max_length=max_length,
-                             vision_chunk=vision_chunk, timings=timings)
-  runner = _runner(model, seq_shards)
+                             vision_chunk=vision_chunk, timings=timings, fsdp=fsdp,
+                             tensor=tensor)
+  runner = _runner(model, seq_shards, fsdp, tensor)
   state = runner.state(model)
   sampling = Sampling(float(temperature), int(top_k), float(top_p))
   eos = -1 if eos_id is None else int(eos_id)
@@ -299,6 +316,7 @@ def main(argv):
 
   timings: dict = {}
   generate(model, ids, pixels, max_new_tokens=f.max_new_tokens, seq_shards=f.seq_shards,
+           fsdp=f.fsdp_shards, tensor=f.tensor_shards,
            temperature=f.temperature, top_p=f.top_p, top_k=f.top_k, eos_id=eos, seed=f.seed,
            on_token=on_token, timings=timings)
   # The first decode step includes its compilation: the rate is over the steps after it.
@@ -321,6 +339,10 @@ flags.DEFINE_integer("max_frames", 64, "at most this many video frames (1 fps)",
 flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most", flag_values=FLAGS)
 flags.DEFINE_integer("seq_shards", 1, "devices the prompt (and its KV cache) is sharded over",
                      flag_values=FLAGS)
+flags.DEFINE_integer("fsdp_shards", 1, "devices the parameters are sharded over (fsdp axis)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("tensor_shards", 1, "devices the heads / MLP / vocab are split over (tensor "
+                     "axis)", flag_values=FLAGS)
 flags.DEFINE_float("temperature", 0.0, "0 = greedy", flag_values=FLAGS)
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass", flag_values=FLAGS)
 flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)",

@@ -136,7 +136,7 @@ def prefill(model, input_ids, pixel_values=None, *, context_parallel: bool = Fal
   index = zigzag_indices(padded, rank, world).to(device)
   fidx = None                                        # which visual token each context token takes
   if pixel_values is not None:
-    fidx = F.pad(model.feature_index(ids, pixel_values.shape[0]), (0, padded - s), value=-1)
+    fidx = F.pad(model.context_index(ids, pixel_values.shape[0]), (0, padded - s), value=-1)
     fidx = fidx[:, index]
   seg, pos = full_seg[:, index], full_pos[:, index]
   cache = KVCache(model, b, index.numel() + extra_slots)

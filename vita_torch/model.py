@@ -161,28 +161,28 @@ class LongVITAForCausalLM(nn.Module):
     return self.model.embed_tokens.weight.dtype
 
   # ---- vision
-  def vision_features(self, pixel_values):
+  def vit_features(self, pixel_values):
     """[T, 3, H, W] -> InternViT patch features [T, N, Dv] (CLS dropped)."""
     return self.model.vision_model(pixel_values.to(self.device, self.dtype))
 
   def image_features(self, pixel_values):
     """[T, 3, H, W] -> projected visual tokens [T, tokens_per_tile, D]."""
-    return self.model.vision_projection(self.vision_features(pixel_values))
+    return self.model.vision_projection(self.vit_features(pixel_values))
 
   def context_mask(self, input_ids):
     return torch.isin(input_ids, torch.tensor(self.context_ids, device=input_ids.device))
 
-  def feature_index(self, input_ids, num_tiles: int):
+  def context_index(self, input_ids, num_tiles: int):
     """int64 [B, S]: vita_jax.spec.tokens.context_index after checking that `input_ids` hold
     num_tiles blocks of context tokens (ValueError otherwise)."""
     ids = input_ids.cpu().numpy()
     check_visual_tokens(ids, self.context_ids, num_tiles, self.tokens_per_tile)
     return torch.from_numpy(context_index(ids, self.context_ids)).long().to(input_ids.device)
 
-  def embed(self, input_ids, pixel_values=None, feature_index=None):
+  def embed(self, input_ids, pixel_values=None, context_index=None):
     """Token embeddings [B, S, D] with visual features in place of the context tokens.
 
-    feature_index [B, S] (optional) says which visual token each context token takes; by
+    context_index [B, S] (optional) says which visual token each context token takes; by
     default it counts them in order over batch then sequence. Context-parallel shards pass
     the indices of the full sequence, and only the tiles they need are encoded.
     """
@@ -190,9 +190,9 @@ class LongVITAForCausalLM(nn.Module):
     if pixel_values is None:
       return x
     mask, tpt = self.context_mask(input_ids), self.tokens_per_tile
-    if feature_index is None:
-      feature_index = self.feature_index(input_ids, pixel_values.shape[0])
-    wanted = feature_index[mask]
+    if context_index is None:
+      context_index = self.context_index(input_ids, pixel_values.shape[0])
+    wanted = context_index[mask]
     if wanted.numel() == 0:
       return x
     tiles = torch.unique(wanted // tpt)

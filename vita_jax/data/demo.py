@@ -8,6 +8,12 @@ visual tokens 3..19). Samples: images of one coloured shape or a seven-segment d
 about colour, shape, digit; some with two images), videos of a moving ball (which way?) as frame
 folders and mp4 files, "needle" videos (one frame out of N differs: what does it show?) and
 text-only arithmetic. The tiny configs generate it on first use (`ensure_demo_data`).
+
+The needle vocabulary (six colours x four shapes) is taught in stage 2 by single-frame and short
+needle videos and frame-sized shape images; stage 3 reads `<root>/needle/train.jsonl`
+(`ensure_needle_curriculum`): needle videos of growing length in file order (a curriculum).
+Needle seeds are split: training draws from [0, NEEDLE_EVAL_SEED_BASE), the evaluation
+(`vita_jax.eval.needle`) from [NEEDLE_EVAL_SEED_BASE, 2**31), so no evaluation video was seen.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from absl import flags
 from PIL import Image, ImageDraw
 
 DEMO_ROOT = "runs/demo_data"
-VERSION = "1"
+VERSION = "2"
 FRAME = 64          # video frame side (even, for mp4)
 NEEDLE_QUESTION = "One frame of this video is different. What does it show?"
 
@@ -31,6 +37,9 @@ SHAPES = ("circle", "square", "triangle", "cross")
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
 IMAGE_SIZES = ((56, 56), (112, 56), (56, 112), (112, 112), (168, 56), (84, 84), (160, 120))
 BACKGROUND = (128, 128, 128)
+NEEDLE_EVAL_SEED_BASE = 1 << 30
+NEEDLE_DIR = "needle"
+NEEDLE_VERSION = "1"
 # Seven-segment digits: segments a b c d e f g lit per digit.
 _SEGMENTS = ("abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afgedc", "abc", "abcdefg",
              "abcdfg")
@@ -123,6 +132,24 @@ def make_needle_video(num_frames: int, depth: float, seed: int) -> tuple[np.ndar
   return np.stack(frames), f"a {colour} {shape}"
 
 
+def train_needle_seed(rng) -> int:
+  """A needle-video seed for training data: always below NEEDLE_EVAL_SEED_BASE."""
+  seed = int(rng.integers(NEEDLE_EVAL_SEED_BASE))
+  assert 0 <= seed < NEEDLE_EVAL_SEED_BASE, seed
+  return seed
+
+
+def eval_needle_seed(num_frames: int, depth_index: int, sample: int) -> int:
+  """The evaluation's seed for one video: unique per (length, depth, sample) and in the range
+  training never draws from, so every evaluation video is unseen."""
+  if not (0 < num_frames < 1 << 16 and 0 <= depth_index < 256 and 0 <= sample < 256):
+    raise ValueError(f"needle cell out of range: frames={num_frames} (1..65535), depth index "
+                     f"{depth_index} and sample {sample} (0..255); evaluate fewer cells")
+  seed = NEEDLE_EVAL_SEED_BASE + (num_frames << 16) + (depth_index << 8) + sample
+  assert NEEDLE_EVAL_SEED_BASE <= seed < 1 << 31, seed
+  return seed
+
+
 def _turns(*pairs, image_first: str = "") -> list[dict]:
   out = []
   for k, (q, a) in enumerate(pairs):
@@ -177,15 +204,21 @@ def _save_frames(frames: np.ndarray, folder: str) -> None:
 def _video_sample(rng, k: int, media: str, rel: str, num_frames: int, as_mp4: bool) -> dict:
   from vita_jax.data.video import write_mp4
 
-  if rng.random() < 0.5:
+  if as_mp4 or rng.random() < 0.5:  # needle videos stay frame folders: 1 fps keeps every frame
     direction = list(DIRECTIONS)[rng.integers(4)]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     # mp4: 2 fps for num_frames seconds, sampled back to num_frames at 1 fps.
     frames = moving_video(rng, 2 * num_frames if as_mp4 else num_frames, direction, colour)
     q, a = "<video>\nWhich way does the ball move?", direction
   else:
-    frames, a = make_needle_video(num_frames, rng.random(), int(rng.integers(1 << 30)))
+    # 1..num_frames frames: a one-frame "needle" ties the frame tokens to the vocabulary.
+    length = 1 + int(rng.integers(num_frames)) if rng.random() < 0.5 else num_frames
+    seed = train_needle_seed(rng)
+    frames, a = make_needle_video(length, rng.random(), seed)
     q = f"<video>\n{NEEDLE_QUESTION}"
+    name = f"vid_{k:05d}"
+    _save_frames(frames, os.path.join(media, name))
+    return {"id": f"vid{k}-needle{seed}", "messages": _turns((q, a)), "videos": [f"{rel}/{name}"]}
   if as_mp4:
     name = f"vid_{k:05d}.mp4"
     write_mp4(os.path.join(media, name), frames, fps=2)
@@ -250,8 +283,11 @@ def ensure_demo_data(root: str = DEMO_ROOT, num_frames: int = 8) -> str:
   shutil.rmtree(tmp, ignore_errors=True)
   generate(tmp, num_frames)
   os.makedirs(root, exist_ok=True)
+  stale = os.path.exists(os.path.join(root, "VERSION"))  # an older corpus version: replace it
   for child in sorted(os.listdir(tmp)):
     target = os.path.join(root, child)
+    if stale and child != "VERSION":
+      shutil.rmtree(target, ignore_errors=True)
     if child == "VERSION" or os.path.exists(target):
       continue  # someone else (or an earlier partial run) already put it there
     os.replace(os.path.join(tmp, child), target)
@@ -260,12 +296,57 @@ def ensure_demo_data(root: str = DEMO_ROOT, num_frames: int = 8) -> str:
   return root
 
 
-def _is_complete(root: str) -> bool:
+def _is_complete(root: str, name: str = "VERSION", version: str = VERSION) -> bool:
   try:
-    with open(os.path.join(root, "VERSION")) as f:
-      return f.read().strip() == VERSION
+    with open(os.path.join(root, name)) as f:
+      return f.read().strip() == version
   except OSError:
     return False
+
+
+NEEDLE_LENGTHS = (8, 16, 24, 32)
+
+
+def write_needle_curriculum(out: str, lengths=NEEDLE_LENGTHS, per_length: int = 250,
+                            seed: int = 2) -> str:
+  """`<out>/train.jsonl`: `per_length` needle videos of each length, shortest first.
+
+  Stage 3 reads this source in file order (`data.ordered_sources`), so the packed sequences
+  hold ever longer videos: the model first finds the odd frame among 8, last among 32.
+  Depths are uniform over the whole video; seeds come from the training range only.
+  """
+  rng = np.random.default_rng(seed)
+  media = os.path.join(out, "media")
+  os.makedirs(media, exist_ok=True)
+  lines = []
+  for n in sorted(lengths):
+    for _ in range(per_length):
+      k, video_seed = len(lines), train_needle_seed(rng)
+      frames, answer = make_needle_video(n, rng.random(), video_seed)
+      _save_frames(frames, os.path.join(media, f"n{k:05d}"))
+      lines.append(json.dumps({"id": f"needle{video_seed}", "videos": [f"media/n{k:05d}"],
+                               "messages": _turns((f"<video>\n{NEEDLE_QUESTION}", answer))}))
+  with open(os.path.join(out, "train.jsonl"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return out
+
+
+def ensure_needle_curriculum(root: str = DEMO_ROOT) -> str:
+  """`<root>/needle` (stage 3's curriculum) unless already there; safe for concurrent callers."""
+  folder = os.path.join(root, NEEDLE_DIR)
+  if _is_complete(folder, "NEEDLE_VERSION", NEEDLE_VERSION):
+    return folder
+  tmp = f"{folder}.tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  write_needle_curriculum(tmp)
+  with open(os.path.join(tmp, "NEEDLE_VERSION"), "w") as f:
+    f.write(NEEDLE_VERSION + "\n")
+  shutil.rmtree(folder, ignore_errors=True)
+  try:
+    os.replace(tmp, folder)
+  except OSError:  # another process put it there first
+    shutil.rmtree(tmp, ignore_errors=True)
+  return folder
 
 
 def main(argv) -> None:

@@ -28,7 +28,7 @@ from vita_jax.data.conversation import (
   tiles_of_grid,
   truncate_at_turn,
 )
-from vita_jax.data.manifest import JsonlSource, parse_sample, resolve_sources
+from vita_jax.data.manifest import JsonlSource, parse_mixture, parse_sample, resolve_sources
 from vita_jax.data.packing import PackIterDataset
 from vita_jax.data.tokenizer import check_token_ids, load_tokenizer
 from vita_jax.errors import ConfigError
@@ -116,6 +116,12 @@ def prepare_data_files(data_cfg) -> None:
       os.path.normpath(data_cfg.tokenizer or "x") == os.path.join(demo_root, "tokenizer"))
   if uses_demo:
     demo.ensure_demo_data(demo_root)
+  if root == demo_root and not data_cfg.manifest and demo.NEEDLE_DIR in _mixture_names(data_cfg):
+    demo.ensure_needle_curriculum(demo_root)
+
+
+def _mixture_names(data_cfg) -> set[str]:
+  return {name for name, _ in parse_mixture(data_cfg.mixture)}
 
 
 def make_prepare(config) -> PrepareSample:
@@ -152,13 +158,21 @@ def make_dataset(config, *, seq_shards: int = 1, process_index: int = 0, process
   tpt = tokens_per_tile(config.model)
   train = split == "train"
   sources = resolve_sources(data, split)
+  ordered = {n.strip() for n in data.get("ordered_sources", "").split(",") if n.strip()}
+  unknown = ordered - {s.name for s in sources}
+  if train and unknown:
+    raise ConfigError(f"data.ordered_sources names {sorted(unknown)}, which the mixture does "
+                      f"not have ({', '.join(s.name for s in sources)}); fix one of the two")
   datasets = []
   for i, src in enumerate(sources):
     ds = grain.MapDataset.source(JsonlSource(src.name, src.files))
     if len(ds) == 0:
       raise ConfigError(f"dataset {src.name!r} ({', '.join(src.files)}) has no samples")
     if train:
-      ds = ds.shuffle(seed=data.seed + 1000 * i).repeat()
+      # An ordered source is read in file order (a curriculum written shortest first).
+      if src.name not in ordered:
+        ds = ds.shuffle(seed=data.seed + 1000 * i)
+      ds = ds.repeat()
     datasets.append(ds)
   if len(datasets) > 1:
     ds = grain.MapDataset.mix(datasets, [s.weight for s in sources])

@@ -1,12 +1,15 @@
 """Needle in a video haystack: N generated frames, one of them different; the model is asked
 what the odd frame shows. Accuracy over (frames x depth), printed and drawn as a PNG heatmap.
 
-    python -m vita_jax.eval.needle --model=runs/demo --frames=16,64,256,1024 \
-        --depths=0,0.25,0.5,0.75,1.0 --seq_shards=8 --out=runs/demo/needle.png
+    python -m vita_jax.eval.needle --model=runs/demo/stage3 --frames=8,16,32,64,128 \
+        --depths=0,0.25,0.5,0.75,1.0 --out=runs/demo/needle.png [--show_answers]
 
 Videos come from `vita_jax.data.demo.make_needle_video` (grey frames with a white dot; the
 needle is a coloured shape). An answer counts as right when it names the needle's colour and
-shape (`--samples` videos per cell, different seeds).
+shape (`--samples` videos per cell). Seeds come from `demo.eval_needle_seed`, a range the
+training data never draws from. Next to the model's per-length accuracy the table gives what
+random guessing scores: uniform over the colour x shape vocabulary, computed (1/24) and
+measured by scoring random answers through the same `is_correct`.
 """
 
 from __future__ import annotations
@@ -25,20 +28,63 @@ def is_correct(answer: str, truth: str) -> bool:
   return all(w in words for w in truth.split()[1:])
 
 
+def cell_videos(num_frames: int, depth: float, depth_index: int, samples: int):
+  """The cell's needle videos, [(frames, truth)], from evaluation-only seeds."""
+  from vita_jax.data.demo import eval_needle_seed, make_needle_video
+  return [make_needle_video(num_frames, depth, eval_needle_seed(num_frames, depth_index, k))
+          for k in range(samples)]
+
+
 def run_cell(model, tok, num_frames: int, depth: float, samples: int, *, seq_shards: int,
-             max_new_tokens: int = 8, seed: int = 0) -> tuple[float, list[tuple[str, str]]]:
-  """(accuracy, [(answer, truth)]) over `samples` needle videos of one (frames, depth) cell."""
-  from vita_jax.data.demo import NEEDLE_QUESTION, make_needle_video
+             max_new_tokens: int = 8, depth_index: int = 0) -> tuple[float, list[tuple[str, str]]]:
+  """(accuracy, [(answer, truth)]) over `samples` needle videos of one (frames, depth) cell;
+  `depth_index` (the column) keeps the seeds of cells with different depths apart."""
+  from vita_jax.data.demo import NEEDLE_QUESTION
   eos = int(model.config.tokens.eos_id)
   results = []
-  for k in range(samples):
-    frames, truth = make_needle_video(num_frames, depth, seed + 1000 * k + num_frames)
+  for frames, truth in cell_videos(num_frames, depth, depth_index, samples):
     ids, pixels = gen.build_prompt(model, tok, f"<video>\n{NEEDLE_QUESTION}", frames=frames)
     out = gen.generate(model, ids, pixels, max_new_tokens=max_new_tokens, seq_shards=seq_shards,
                        eos_id=eos)
     answer = tok.decode([t for t in out[0] if t != eos], skip_special_tokens=True).strip()
     results.append((answer, truth))
   return float(np.mean([is_correct(a, t) for a, t in results])), results
+
+
+def chance_accuracy() -> float:
+  """Uniform guessing over the colour x shape vocabulary is right once in |colours|*|shapes|."""
+  from vita_jax.data.demo import COLOURS, SHAPES
+  return 1.0 / (len(COLOURS) * len(SHAPES))
+
+
+def random_guess_accuracy(truths: list[str], guesses: int = 100, seed: int = 0) -> float:
+  """Measured chance: `guesses` uniform random "a {colour} {shape}" answers per truth, scored
+  with `is_correct` exactly as the model's answers are."""
+  from vita_jax.data.demo import COLOURS, SHAPES
+  rng = np.random.default_rng(seed)
+  colours, shapes = list(COLOURS), list(SHAPES)
+  hits = [is_correct(f"a {colours[rng.integers(len(colours))]} {shapes[rng.integers(len(shapes))]}",
+                     t) for t in truths for _ in range(guesses)]
+  return float(np.mean(hits))
+
+
+def format_answers(frames, depths, answers) -> str:
+  """One line per cell: every answer with its truth and whether it counted."""
+  lines = ["answers (frames, depth): answer [truth] ok/x"]
+  for i, n in enumerate(frames):
+    for j, d in enumerate(depths):
+      got = "; ".join(f"{a!r} [{t}] {'ok' if is_correct(a, t) else 'x'}"
+                      for a, t in answers[i][j])
+      lines.append(f"{n:>5d} {d:.2f}: {got}")
+  return "\n".join(lines)
+
+
+def format_baseline(frames, acc: np.ndarray, measured) -> str:
+  """Per length: the model's mean over depths next to random guessing (computed, measured)."""
+  lines = [f"{'frames':>6s} {'model':>7s} {'chance':>7s} {'random':>7s}"]
+  for i, n in enumerate(frames):
+    lines.append(f"{n:>6d} {acc[i].mean():>7.3f} {chance_accuracy():>7.3f} {measured[i]:>7.3f}")
+  return "\n".join(lines)
 
 
 def format_table(frames, depths, acc: np.ndarray) -> str:
@@ -78,14 +124,23 @@ def main(argv):
     raise gen.ConfigError(f"--depths must lie in [0, 1]; got {bad}")
   model, tok = gen.load_for_inference(f.model, tokenizer=f.tokenizer)
   acc = np.zeros((len(frames), len(depths)))
+  answers = [[None] * len(depths) for _ in frames]
   for i, n in enumerate(frames):
     for j, d in enumerate(depths):
       t0 = time.perf_counter()
-      acc[i, j], results = run_cell(model, tok, n, d, f.samples, seq_shards=f.seq_shards)
+      acc[i, j], answers[i][j] = run_cell(model, tok, n, d, f.samples, seq_shards=f.seq_shards,
+                                          depth_index=j)
       print(f"frames={n:5d} depth={d:.2f} acc={acc[i, j]:.2f} ({time.perf_counter() - t0:.1f} s)"
-            f" e.g. {results[0][0]!r} for {results[0][1]!r}", flush=True)
+            f" e.g. {answers[i][j][0][0]!r} for {answers[i][j][0][1]!r}", flush=True)
   print(format_table(frames, depths, acc))
   print(f"mean accuracy {acc.mean():.3f}")
+  measured = [random_guess_accuracy([t for cell in row for _, t in cell], seed=i)
+              for i, row in enumerate(answers)]
+  print("per length, mean over depths, against random guessing (chance = 1/(colours x shapes);"
+        " random = uniform guesses scored by is_correct):")
+  print(format_baseline(frames, acc, measured))
+  if f.show_answers:
+    print(format_answers(frames, depths, answers))
   out = f.out or "needle.png"
   heatmap(frames, depths, acc, out)
   print(f"heatmap written to {out}", file=sys.stderr)
@@ -100,6 +155,7 @@ def _define_flags():
   flags.DEFINE_integer("seq_shards", 1, "devices the prompt is sharded over")
   flags.DEFINE_string("tokenizer", "", "tokenizer directory (default: the model's)")
   flags.DEFINE_string("out", "", "heatmap PNG path (default: needle.png)")
+  flags.DEFINE_bool("show_answers", False, "print every answer with its truth, per cell")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from vita_jax.models.common import param, rms_norm, run_layers, swiglu_mlp, values
+from vita_jax.models.common import exact_in_fp32, param, rms_norm, run_layers, swiglu_mlp, values
 from vita_jax.ops.attention import attention
 from vita_jax.parallel.sharding import constrain
 
@@ -100,6 +100,7 @@ class Qwen2(nnx.Module):
     """{name: [L, ...]} in the compute dtype (for scanning, or a cached decode loop)."""
     return values(self.layers, LAYER_PARAMS, self.compute_dtype)
 
+  @exact_in_fp32
   def __call__(self, x, positions, segment_ids, *, mesh=None):
     """Embeddings x [B, S, D] -> final-normed hidden states [B, S, D] (compute dtype)."""
     cfg = self.cfg
@@ -116,12 +117,13 @@ class Qwen2(nnx.Module):
     x = run_layers(body, x, self.layer_params(), scan=self.scan_layers, remat_policy=self.remat)
     return rms_norm(x, self.final_norm[...].astype(x.dtype), eps)
 
-  def head_weight(self):
+  def lm_head_weight(self):
     """[D, V] LM head kernel (the embedding transposed when tied)."""
     if self.cfg.tie_embeddings:
       return self.embedding[...].T
     return self.lm_head[...]
 
+  @exact_in_fp32
   def logits(self, hidden):
-    w = self.head_weight().astype(hidden.dtype)
+    w = self.lm_head_weight().astype(hidden.dtype)
     return jnp.einsum("bsd,dv->bsv", hidden, w, preferred_element_type=jnp.float32)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vita_jax.models.common import layer_norm, param
+from vita_jax.models.common import exact_in_fp32, layer_norm, param
 
 
 def pixel_shuffle(x, ratio: float):
@@ -45,6 +45,7 @@ class Projector(nnx.Module):
       self.fc1_bias = param(rngs, (hidden,), ("mlp",), param_dtype, "zeros")
       self.fc2_bias = param(rngs, (llm_hidden,), ("embed",), param_dtype, "zeros")
 
+  @exact_in_fp32
   def __call__(self, features):
     t, n, dv = features.shape
     side = round(n ** 0.5)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vita_jax.models.common import layer_norm, param, run_layers, values
+from vita_jax.models.common import exact_in_fp32, layer_norm, param, run_layers, values
 from vita_jax.ops.attention import attention
 
 LAYER_PARAMS = ("norm1_scale", "norm1_bias", "qkv_kernel", "qkv_bias", "proj_kernel",
@@ -135,6 +135,7 @@ class InternViT(nnx.Module):
     pos = resize_position_embedding(self.pos_embed[...], self.side, side)
     return x + pos.astype(x.dtype)[None]
 
+  @exact_in_fp32
   def __call__(self, pixel_values, *, mesh=None):
     # Tiles are spread over the batch-like mesh axes; each tile's tokens stay together, so the
     # attention inside a tile is always local (never the sequence ring).

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vita_jax.models.common import exact_in_fp32
 from vita_jax.models.llm import Qwen2
 from vita_jax.models.projector import Projector
 from vita_jax.models.vision import InternViT
@@ -55,6 +56,7 @@ class LongVITA(nnx.Module):
     self.config = model_cfg
     self.mesh = mesh
     common = dict(param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype)
+    self.compute_dtype = jnp.dtype(model_cfg.compute_dtype)
     layers = dict(remat=model_cfg.remat, scan_layers=model_cfg.scan_layers,
                   attention_cfg=dict(model_cfg.attention))
     self.vision = InternViT(model_cfg.vision, rngs=rngs, **common, **layers)
@@ -64,6 +66,7 @@ class LongVITA(nnx.Module):
     self.llm = Qwen2(model_cfg.llm, rngs=rngs, **common, **layers)
     self.context_ids = context_token_ids(model_cfg.tokens)
 
+  @exact_in_fp32
   def image_features(self, pixel_values):
     """pixel_values [T, H, W, 3] -> LLM-space features [T, tokens_per_tile, D]."""
     return self.projector(self.vision(jnp.asarray(pixel_values, jnp.float32), mesh=self.mesh))
@@ -84,6 +87,7 @@ class LongVITA(nnx.Module):
     check_visual_tokens(input_ids, self.context_ids, pixel_shape[0],
                         tokens_per_tile(self.config, tile_side=pixel_shape[1]))
 
+  @exact_in_fp32
   def __call__(self, input_ids, pixel_values=None, positions=None, segment_ids=None, *,
                context_index=None, return_hidden: bool = False):
     """input_ids int [B, S] -> fp32 logits [B, S, V] (or final hidden states [B, S, D]).
@@ -105,4 +109,4 @@ class LongVITA(nnx.Module):
 
   def lm_head_weight(self):
     """[D, V] LM head kernel (the embedding transposed when embeddings are tied)."""
-    return self.llm.head_weight()
+    return self.llm.lm_head_weight()

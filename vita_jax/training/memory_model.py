@@ -168,8 +168,12 @@ def estimate(config: ml_collections.ConfigDict, mesh_shape: dict) -> Estimate:
   # for this code: residual stream, norms, q/k/v before and after RoPE, attention output, and
   # gate and up: `swiglu_mlp` recomputes silu(gate) * up in its backward).
   layer_all = (6 * d + 4 * hq * hd + 2 * hkv * hd + 2 * f) * c + 4 * hq
+  # With the decoder frozen no weight gradient is formed, so the inputs of its matmuls are not
+  # kept: what remains are the two norm inputs, q/k/v after RoPE and the attention output (the
+  # attention backward), the log-sum-exp, and gate and up (the SwiGLU backward).
+  saved_none = layer_all if llm_grads else (2 * d + 2 * hq * hd + 2 * hkv * hd + 2 * f) * c + 4 * hq
   policy = model.remat if needs_backward else "none"
-  saved_per_token = {"none": layer_all, "full": d * c,
+  saved_per_token = {"none": saved_none, "full": d * c,
                      "dots": 3 * d * c + (hq + 2 * hkv) * hd * c + 2 * f * c}[policy]
   kernel = attention_kernel(ms)
   dense_scores = b * hq * s * s
