@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vita_jax.ops import pallas_attention as pa
-from vita_jax.ops.attention import attention
+from vita_jax.ops.attention import attention, auto_impl
 from vita_jax.ops.dense import dot_product_attention, partial_attention
 from vita_jax.parallel import make_mesh
 from vita_jax.spec.zigzag import unzigzag, zigzag
@@ -135,6 +135,7 @@ def test_ring_zigzag_odd_chunks():
     (2, False, 1, False),
     (4, True, 2, True),
     (4, False, 2, False),
+    (8, True, 1, True),
 ])
 def test_ring_matches_dense(shards, causal, hkv, zz):
   """Inside the ring (seq sharded; zigzag puts each device's two chunks far apart)."""
@@ -145,3 +146,16 @@ def test_ring_matches_dense(shards, causal, hkv, zz):
 def test_ring_bf16():
   got, ref = _ring(2, True, 2, False, dtype=jnp.bfloat16)
   check(got, ref, fwd_tol=3e-2, grad_tol=3e-2)
+
+
+def test_auto_is_jnp_on_cpu_and_pallas_on_accelerators():
+  """impl="auto" resolves by the platform the arrays live on; on CPU it is the jnp kernel."""
+  fake = lambda platform: type("Mesh", (), {"devices": np.array([type("D", (), {
+      "platform": platform})()])})()
+  assert [auto_impl(fake(p)) for p in ("cpu", "gpu", "tpu")] == ["jnp", "pallas", "pallas"]
+  assert auto_impl() == "jnp"
+  q, k, v, _ = qkvw(2)
+  seg, pos = packed()
+  run = jax.jit(lambda q, k, v, impl: attention(q, k, v, seg, pos, impl=impl),
+                static_argnums=3)
+  np.testing.assert_array_equal(np.asarray(run(q, k, v, "auto")), np.asarray(run(q, k, v, "jnp")))

@@ -20,7 +20,8 @@ from vita_jax.ops.ring_attention import (
   ring_attention,
 )
 
-__all__ = ["attention", "attention_mask", "dot_product_attention", "register_kernel"]
+__all__ = ["attention", "attention_mask", "auto_impl", "dot_product_attention",
+           "register_kernel"]
 
 
 def _blockwise(impl: str):
@@ -65,6 +66,14 @@ def register_kernel(name: str, kernel) -> None:
   LOCAL_KERNELS[name] = kernel
 
 
+def auto_impl(mesh: jax.sharding.Mesh | None = None) -> str:
+  """What `impl="auto"` runs on the platform of `mesh` (else of the default devices): the
+  portable chunked kernel "jnp" on CPU, where the Pallas kernels only interpret; the fused
+  Pallas block kernel on GPU and TPU, the one fused kernel that also runs inside the ring."""
+  platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+  return "jnp" if platform == "cpu" else "pallas"
+
+
 def attention(q, k, v, segment_ids, positions, *, mesh: jax.sharding.Mesh | None = None,
               axis: str = "seq", causal: bool = True, scale: float | None = None,
               q_chunk: int | None = None, kv_chunk: int | None = None, impl: str = "jnp"):
@@ -74,10 +83,13 @@ def attention(q, k, v, segment_ids, positions, *, mesh: jax.sharding.Mesh | None
   with `impl` as its block kernel when it is one (BLOCK_KERNELS: "jnp", "pallas"), else with
   "jnp" (the other kernels return no LSE to merge); on other multi-device meshes a block
   kernel runs per device inside the same shard_map. Otherwise `impl` picks the
-  local kernel from LOCAL_KERNELS: "jnp" (chunked, default), "pallas" (the Pallas block
+  local kernel from LOCAL_KERNELS: "jnp" (chunked, default), "auto" (`auto_impl`: "jnp" on
+  CPU, "pallas" on GPU and TPU), "pallas" (the Pallas block
   kernel), "dense" (the reference), "xla" or
   "cudnn" (`jax.nn.dot_product_attention`; they build the [S, S] mask, so short sequences only).
   """
+  if impl == "auto":
+    impl = auto_impl(mesh)
   if impl not in LOCAL_KERNELS:
     raise ValueError(f"attention impl={impl!r} is unknown; use one of {sorted(LOCAL_KERNELS)} "
                      "or register one with vita_jax.ops.attention.register_kernel")

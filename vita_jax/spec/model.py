@@ -13,7 +13,7 @@ from vita_jax.spec.tokens import special_token_ids
 
 REMAT_POLICIES = ("none", "full", "dots")     # per decoder layer
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("jnp", "pallas", "dense", "xla", "cudnn")
+ATTENTION_IMPLS = ("jnp", "pallas", "auto", "dense", "xla", "cudnn")
 
 
 def vision_config(image_size: int, patch_size: int, hidden: int, layers: int, heads: int,
