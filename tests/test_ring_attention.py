@@ -240,3 +240,17 @@ def test_gradient_memory_per_device_scales_with_shards():
   assert per_device_8 < 0.6 * per_device_4
   local_block = 65536 // 8 * 32 * 4
   assert per_device_8 < 16 * local_block  # nothing of size S lives on a device
+
+
+def test_ring_specs_follow_the_sharding_rules():
+  """Batch and KV heads inside the ring are placed by LOGICAL_RULES ("batch", "act_kv_heads"),
+  the sequence by the ring's axis; an axis that does not divide its dimension is dropped."""
+  from vita_jax.ops.ring_attention import _ring_spec
+  from vita_jax.parallel import make_mesh
+  mesh = make_mesh({"data": 2, "fsdp": 2, "seq": 2, "tensor": 1})
+  assert _ring_spec(mesh, "seq", (4, 16, 2, 8)) == P(("data", "fsdp"), "seq", None, None)
+  assert _ring_spec(mesh, "seq", (2, 16, 2, 8)) == P("data", "seq", None, None)
+  mesh = make_mesh({"data": 1, "fsdp": 2, "seq": 2, "tensor": 2})
+  assert _ring_spec(mesh, "seq", (2, 16, 2, 8)) == P("fsdp", "seq", "tensor", None)
+  assert _ring_spec(mesh, "seq", (2, 16, 1, 8)) == P("fsdp", "seq", None, None)
+  assert _ring_spec(mesh, "fsdp", (2, 16, 2, 8)) == P(None, "fsdp", "tensor", None)

@@ -43,6 +43,7 @@ from vita_jax.ops.attention_tiles import (
   tile_forward,
   tile_kind,
 )
+from vita_jax.parallel.sharding import LOGICAL_RULES, logical_to_spec
 
 DEFAULT_Q_CHUNK = 512
 DEFAULT_KV_CHUNK = 512
@@ -355,15 +356,18 @@ def blockwise_attention(q, k, v, segment_ids, positions, *, causal: bool = True,
                           cfg)
 
 
-def _divisible_axes(mesh, names, size):
-  """Mesh axes among `names` (size > 1) whose running product divides `size`."""
-  kept, total = [], 1
-  for name in names:
-    n = mesh.shape.get(name, 1)
-    if n > 1 and size % (total * n) == 0:
-      kept.append(name)
-      total *= n
-  return tuple(kept)
+def _ring_spec(mesh, axis: str, shape) -> P:
+  """The [B, S, H, D] spec inside the ring: the sequence over `axis`, batch and KV heads as the
+  sharding rules table places "batch" and "act_kv_heads" (without `axis`; a mesh axis that does
+  not divide its dimension is left out, so that dimension is replicated)."""
+  def without(physical):
+    axes = (physical,) if isinstance(physical, str) else tuple(physical or ())
+    return tuple(a for a in axes if a != axis)
+
+  rules = tuple((name, axis if name == "length" else without(physical))
+                for name, physical in LOGICAL_RULES)
+  spec = logical_to_spec(("batch", "length", "act_kv_heads", None), mesh, shape, rules=rules)
+  return P(spec[0], axis, spec[2], None)
 
 
 def ring_attention(q, k, v, segment_ids, positions, *, mesh: jax.sharding.Mesh,
@@ -372,8 +376,9 @@ def ring_attention(q, k, v, segment_ids, positions, *, mesh: jax.sharding.Mesh,
                    impl: str = "jnp"):
   """Exact attention with S sharded over mesh axis `axis` -> [B, S, Hq, D], same sharding.
 
-  Batch is also sharded over ("data", "fsdp") and heads over "tensor" where those mesh axes
-  exist, are > 1 and divide the dimension; otherwise those dimensions are replicated.
+  Batch and heads are sharded as the rules table (vita_jax.parallel.sharding.LOGICAL_RULES)
+  places "batch" and "act_kv_heads", where those mesh axes are > 1 and divide the dimension;
+  otherwise those dimensions are replicated.
   """
   _check_shapes(q, k, v, segment_ids, positions)
   block_kernel(impl)
@@ -382,11 +387,8 @@ def ring_attention(q, k, v, segment_ids, positions, *, mesh: jax.sharding.Mesh,
     fixed = -(-q.shape[1] // num_shards) * num_shards
     raise ValueError(f"sequence length {q.shape[1]} is not divisible by the {num_shards} "
                      f"shards of mesh axis {axis!r}; pad it to {fixed}")
-  batch_axes = _divisible_axes(mesh, [a for a in ("data", "fsdp") if a != axis], q.shape[0])
-  head_axes = _divisible_axes(mesh, [a for a in ("tensor",) if a != axis], k.shape[2])
-  batch = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
-  heads = head_axes[0] if head_axes else None
-  x_spec, id_spec = P(batch, axis, heads, None), P(batch, axis)
+  x_spec = _ring_spec(mesh, axis, k.shape)
+  id_spec = P(x_spec[0], axis)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   cfg = _Config(axis, num_shards, causal, scale, q_chunk, kv_chunk, impl=impl)
   fn = jax.shard_map(functools.partial(_local_attention, cfg=cfg), mesh=mesh,
