@@ -20,6 +20,7 @@ from jax import lax
 
 from vita_jax.models.common import exact_in_fp32_step, rms_norm
 from vita_jax.models.llm import layer_finish, layer_qkv, rope_tables
+from vita_jax.models.vlm import merge_visual_features
 from vita_jax.ops.attention import attention
 from vita_jax.ops.cache_attention import decode_attention
 from vita_jax.ops.lm_head import select_logits
@@ -84,9 +85,8 @@ def prefill_step(graphdef, state, ids, ctx_index, features, positions, segment_i
   eps = cfg.rms_norm_eps
   x = llm.embed(ids)
   if features is not None:
-    flat = features.reshape(-1, features.shape[-1])
-    visual = jnp.take(flat, jnp.maximum(ctx_index, 0), axis=0).astype(x.dtype)
-    x = jnp.where((ctx_index >= 0)[..., None], visual, x)
+    x = merge_visual_features(x, ids, features, model.context_ids, check=False,
+                              context_index=ctx_index)
   x = constrain(x, ACT, mesh)
   cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 
