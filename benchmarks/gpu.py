@@ -197,6 +197,20 @@ def _model_config(shape: dict, smoke: bool):
                                  tokens=ids)
 
 
+def _hf_qwen2(size: str, smoke: bool, device: str, dtype, rows: int, length: int,
+              max_len: int):
+  """transformers' Qwen2ForCausalLM of the `size` shape (random init, seed 0) on `device` in
+  `dtype`, and random input ids [rows, length] there."""
+  import torch
+  from transformers import Qwen2ForCausalLM
+  shape = llm_shape(size, smoke)
+  torch.manual_seed(0)
+  with torch.device(device):
+    model = Qwen2ForCausalLM(_qwen2_config(shape, max_len)).to(dtype)
+  ids = torch.from_numpy(_random_ids(rows, length, shape["vocab"]).astype("int64")).to(device)
+  return model, ids
+
+
 def _qwen2_config(shape: dict, max_len: int):
   from transformers import Qwen2Config
   return Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
@@ -385,18 +399,14 @@ def _train_steps(config, data, dev, steps: int) -> tuple[list[float], float]:
 
 def part_train_torch(rec: Recorder, smoke: bool) -> None:
   import torch
-  from transformers import Qwen2ForCausalLM
 
   from benchmarks.common import time_call
   device = _torch_device(rec, smoke)
   batch, seq, steps = train_shape(smoke)
-  shape = llm_shape("1.5b", smoke)
-  torch.manual_seed(0)
-  with torch.device(device):
-    model = Qwen2ForCausalLM(_qwen2_config(shape, seq)).to(torch.float32).train()
+  model, ids = _hf_qwen2("1.5b", smoke, device, torch.float32, batch, seq, seq)
+  model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8,
                           weight_decay=0.0)
-  ids = torch.from_numpy(_random_ids(batch, seq, shape["vocab"]).astype("int64")).to(device)
   losses = []
 
   def step():
@@ -449,16 +459,12 @@ def part_decode_jax(rec: Recorder, smoke: bool) -> None:
 
 def part_decode_torch(rec: Recorder, smoke: bool) -> None:
   import torch
-  from transformers import Qwen2ForCausalLM
 
   from benchmarks.common import time_call
   device = _torch_device(rec, smoke)
   prompt, new, repeats = decode_shape(smoke)
-  shape = llm_shape("0.5b", smoke)
-  torch.manual_seed(0)
-  with torch.device(device):
-    model = Qwen2ForCausalLM(_qwen2_config(shape, prompt + new)).to(torch.bfloat16).eval()
-  ids = torch.from_numpy(_random_ids(1, prompt, shape["vocab"]).astype("int64")).to(device)
+  model, ids = _hf_qwen2("0.5b", smoke, device, torch.bfloat16, 1, prompt, prompt + new)
+  model.eval()
 
   def gen(n):
     def call():

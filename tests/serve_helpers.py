@@ -97,3 +97,12 @@ class Server:
         self.proc.wait()
     self.log.close()
     return self.proc.returncode
+
+
+def start(root, *flags: str):
+  """A tiny checkpoint, the demo media and a server on them under `root` ->
+  (server, model_dir, tokenizer, {media name: path}); the caller stops the server."""
+  model_dir, tokenizer = write_checkpoint(str(root))
+  media = demo_media(str(root / "media"))
+  return Server(model_dir, tokenizer, str(root / "server.log"), *flags), model_dir, tokenizer, \
+      media

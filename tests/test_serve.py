@@ -35,10 +35,8 @@ FLAGS = (f"--api_key={KEY}", "--max_batch=8", "--max_queue=4", "--max_prompt_len
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   root = tmp_path_factory.mktemp("serve")
-  model_dir, tokenizer = serve_helpers.write_checkpoint(str(root))
-  media = serve_helpers.demo_media(str(root / "media"))
-  server = serve_helpers.Server(model_dir, tokenizer, str(root / "server.log"),
-                                f"--media_root={root / 'media'}", *FLAGS)
+  server, model_dir, tokenizer, media = serve_helpers.start(
+      root, f"--media_root={root / 'media'}", *FLAGS)
   model, tok = gen.load_for_inference(model_dir, tokenizer=tokenizer)
   client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=600)
   yield dict(server=server, model=model, tok=tok, media=media, client=client,

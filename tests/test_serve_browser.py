@@ -23,10 +23,8 @@ QUESTION, NEW = "What colour is the shape?", 12
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
   root = tmp_path_factory.mktemp("serve_browser")
-  model_dir, tokenizer = serve_helpers.write_checkpoint(str(root))
-  media = serve_helpers.demo_media(str(root / "media"))
-  server = serve_helpers.Server(model_dir, tokenizer, str(root / "server.log"),
-                                "--max_new_tokens=64", "--max_prompt_len=256")
+  server, model_dir, tokenizer, media = serve_helpers.start(
+      root, "--max_new_tokens=64", "--max_prompt_len=256")
   yield server, model_dir, tokenizer, media["img_00000.png"]
   server.stop()
 
