@@ -27,7 +27,7 @@ from absl import flags
 from PIL import Image, ImageDraw
 
 DEMO_ROOT = "runs/demo_data"
-VERSION = "2"
+VERSION = "3"
 FRAME = 64          # video frame side (even, for mp4)
 NEEDLE_QUESTION = "One frame of this video is different. What does it show?"
 
@@ -37,9 +37,12 @@ SHAPES = ("circle", "square", "triangle", "cross")
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
 IMAGE_SIZES = ((56, 56), (112, 56), (56, 112), (112, 112), (168, 56), (84, 84), (160, 120))
 BACKGROUND = (128, 128, 128)
+# A shape spans 80% of the image's short side: ~45 px of a 56-px tile, about 3 x 3 of its 14-px
+# patches, so the outline (round, cornered, slanted, notched) is visible to the tiny ViT.
+SHAPE_FRAC = 0.8
 NEEDLE_EVAL_SEED_BASE = 1 << 30
 NEEDLE_DIR = "needle"
-NEEDLE_VERSION = "1"
+NEEDLE_VERSION = "2"
 # Seven-segment digits: segments a b c d e f g lit per digit.
 _SEGMENTS = ("abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afgedc", "abc", "abcdefg",
              "abcdfg")
@@ -83,7 +86,7 @@ def _box(rng, w, h, frac=0.6):
 
 def shape_image(rng, size, shape, colour) -> Image.Image:
   image = Image.new("RGB", size, BACKGROUND)
-  draw_shape(ImageDraw.Draw(image), shape, _box(rng, *size), COLOURS[colour])
+  draw_shape(ImageDraw.Draw(image), shape, _box(rng, *size, frac=SHAPE_FRAC), COLOURS[colour])
   return image
 
 
@@ -266,7 +269,7 @@ def generate(out: str, num_frames: int = 8) -> None:
   """Write the corpus and tokenizer into `out` (deterministic)."""
   from vita_jax.data.tokenizer import train_demo_tokenizer
 
-  texts = _write_split(out, "demo", 0, dict(image=1200, video=400, mp4=16, text=300), num_frames)
+  texts = _write_split(out, "demo", 0, dict(image=2400, video=400, mp4=16, text=300), num_frames)
   texts += _write_split(out, "demo_eval", 1, dict(image=60, video=40, mp4=4, text=20),
                         num_frames)
   texts += ["user\n", "assistant\n", "system\n"]
