@@ -42,7 +42,7 @@ BACKGROUND = (128, 128, 128)
 SHAPE_FRAC = 0.8
 NEEDLE_EVAL_SEED_BASE = 1 << 30
 NEEDLE_DIR = "needle"
-NEEDLE_VERSION = "2"
+NEEDLE_VERSION = "5"
 # Seven-segment digits: segments a b c d e f g lit per digit.
 _SEGMENTS = ("abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afgedc", "abc", "abcdefg",
              "abcdfg")
@@ -307,28 +307,41 @@ def _is_complete(root: str, name: str = "VERSION", version: str = VERSION) -> bo
     return False
 
 
-NEEDLE_LENGTHS = (8, 16, 24, 32)
+# Needle videos per length in the stage-3 curriculum: more of the long ones, where finding the
+# odd frame early in the video is hardest (the shortest ones mostly teach the question's form).
+NEEDLE_CURRICULUM = {8: 150, 16: 250, 24: 400, 32: 700}
+# A quarter of the curriculum puts up to 640 filler digits (one token each) between the video
+# and the question, so the distance from the needle to the question reaches what 64- and 128-frame
+# videos need (6 tokens a frame: 384 and 768) while no training video exceeds 32 frames.
+NEEDLE_FILLER_SHARE, NEEDLE_FILLER_WORDS = 0.25, 640
 
 
-def write_needle_curriculum(out: str, lengths=NEEDLE_LENGTHS, per_length: int = 250,
+def write_needle_curriculum(out: str, counts: dict[int, int] | None = None,
                             seed: int = 2) -> str:
-  """`<out>/train.jsonl`: `per_length` needle videos of each length, shortest first.
+  """`<out>/train.jsonl`: `counts[n]` needle videos of `n` frames, shortest first.
 
   Stage 3 reads this source in file order (`data.ordered_sources`), so the packed sequences
   hold ever longer videos: the model first finds the odd frame among 8, last among 32.
-  Depths are uniform over the whole video; seeds come from the training range only.
+  Depths are uniform over the whole video; seeds come from the training range only. Half the
+  samples carry filler digits before the question (NEEDLE_FILLER_*).
   """
+  counts = NEEDLE_CURRICULUM if counts is None else counts
   rng = np.random.default_rng(seed)
   media = os.path.join(out, "media")
   os.makedirs(media, exist_ok=True)
   lines = []
-  for n in sorted(lengths):
-    for _ in range(per_length):
+  for n in sorted(counts):
+    for _ in range(counts[n]):
       k, video_seed = len(lines), train_needle_seed(rng)
       frames, answer = make_needle_video(n, rng.random(), video_seed)
       _save_frames(frames, os.path.join(media, f"n{k:05d}"))
+      filler = ""
+      if rng.random() < NEEDLE_FILLER_SHARE:   # digits between the video and the question
+        words = rng.integers(0, 10, size=int(rng.integers(1, NEEDLE_FILLER_WORDS + 1)))
+        filler = " ".join(map(str, words)) + "\n"
       lines.append(json.dumps({"id": f"needle{video_seed}", "videos": [f"media/n{k:05d}"],
-                               "messages": _turns((f"<video>\n{NEEDLE_QUESTION}", answer))}))
+                               "messages": _turns((f"<video>\n{filler}{NEEDLE_QUESTION}",
+                                                   answer))}))
   with open(os.path.join(out, "train.jsonl"), "w") as f:
     f.write("\n".join(lines) + "\n")
   return out
