@@ -41,7 +41,7 @@ train: setup
 	XLA_FLAGS="$$XLA_FLAGS --xla_force_host_platform_device_count=2" $(PY) -m vita_jax.train \
 	  --config=configs/stage3.py:demo --workdir=$(DEMO) --config.init_from=$(DEMO)_stage2
 	$(PY) -m vita_jax.eval.needle --model=$(DEMO) --frames=8,16,32,64,128 \
-	  --depths=0,0.25,0.5,0.75,1 --samples=2 --out=$(DEMO)/needle.png
+	  --depths=0,0.25,0.5,0.75,1 --samples=4 --out=$(DEMO)/needle.png
 
 test: setup
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15

@@ -20,7 +20,7 @@ from configs import base
 # The demo recipe (tiny model). Rows are twice stage 2's length so positions cover 128-frame prompts
 # (~800 tokens) with room to spare; the tile budget fits two rows of 32-frame videos.
 TINY = dict(seq_len=2048, global_batch_size=2, max_frames=32, tiles_per_batch=640,
-            mixture="needle=0.5,demo=0.5", ordered_sources="needle", seq=2, steps=120,
+            mixture="needle=0.5,demo=0.5", ordered_sources="needle", seq=2, steps=240,
             peak_lr=5e-4, min_lr=1e-5, init_from="runs/demo_stage2")
 
 

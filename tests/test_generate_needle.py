@@ -67,8 +67,7 @@ def test_needle_seeds_train_and_eval_disjoint(tmp_path):
   import os
 
   from vita_jax.data import demo
-  curriculum = demo.write_needle_curriculum(str(tmp_path / "needle"), lengths=(4, 2),
-                                            per_length=3)
+  curriculum = demo.write_needle_curriculum(str(tmp_path / "needle"), {4: 3, 2: 3})
   with open(os.path.join(curriculum, "train.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   lengths = [len(os.listdir(os.path.join(curriculum, r["videos"][0]))) for r in rows]

@@ -27,7 +27,7 @@ from absl import flags
 from PIL import Image, ImageDraw
 
 DEMO_ROOT = "runs/demo_data"
-VERSION = "2"
+VERSION = "3"
 FRAME = 64          # video frame side (even, for mp4)
 NEEDLE_QUESTION = "One frame of this video is different. What does it show?"
 
@@ -37,9 +37,12 @@ SHAPES = ("circle", "square", "triangle", "cross")
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
 IMAGE_SIZES = ((56, 56), (112, 56), (56, 112), (112, 112), (168, 56), (84, 84), (160, 120))
 BACKGROUND = (128, 128, 128)
+# A shape spans 80% of the image's short side: ~45 px of a 56-px tile, about 3 x 3 of its 14-px
+# patches, so the outline (round, cornered, slanted, notched) is visible to the tiny ViT.
+SHAPE_FRAC = 0.8
 NEEDLE_EVAL_SEED_BASE = 1 << 30
 NEEDLE_DIR = "needle"
-NEEDLE_VERSION = "1"
+NEEDLE_VERSION = "5"
 # Seven-segment digits: segments a b c d e f g lit per digit.
 _SEGMENTS = ("abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afgedc", "abc", "abcdefg",
              "abcdfg")
@@ -83,7 +86,7 @@ def _box(rng, w, h, frac=0.6):
 
 def shape_image(rng, size, shape, colour) -> Image.Image:
   image = Image.new("RGB", size, BACKGROUND)
-  draw_shape(ImageDraw.Draw(image), shape, _box(rng, *size), COLOURS[colour])
+  draw_shape(ImageDraw.Draw(image), shape, _box(rng, *size, frac=SHAPE_FRAC), COLOURS[colour])
   return image
 
 
@@ -266,7 +269,7 @@ def generate(out: str, num_frames: int = 8) -> None:
   """Write the corpus and tokenizer into `out` (deterministic)."""
   from vita_jax.data.tokenizer import train_demo_tokenizer
 
-  texts = _write_split(out, "demo", 0, dict(image=1200, video=400, mp4=16, text=300), num_frames)
+  texts = _write_split(out, "demo", 0, dict(image=2400, video=400, mp4=16, text=300), num_frames)
   texts += _write_split(out, "demo_eval", 1, dict(image=60, video=40, mp4=4, text=20),
                         num_frames)
   texts += ["user\n", "assistant\n", "system\n"]
@@ -304,28 +307,41 @@ def _is_complete(root: str, name: str = "VERSION", version: str = VERSION) -> bo
     return False
 
 
-NEEDLE_LENGTHS = (8, 16, 24, 32)
+# Needle videos per length in the stage-3 curriculum: more of the long ones, where finding the
+# odd frame early in the video is hardest (the shortest ones mostly teach the question's form).
+NEEDLE_CURRICULUM = {8: 150, 16: 250, 24: 400, 32: 700}
+# A quarter of the curriculum puts up to 640 filler digits (one token each) between the video
+# and the question, so the distance from the needle to the question reaches what 64- and 128-frame
+# videos need (6 tokens a frame: 384 and 768) while no training video exceeds 32 frames.
+NEEDLE_FILLER_SHARE, NEEDLE_FILLER_WORDS = 0.25, 640
 
 
-def write_needle_curriculum(out: str, lengths=NEEDLE_LENGTHS, per_length: int = 250,
+def write_needle_curriculum(out: str, counts: dict[int, int] | None = None,
                             seed: int = 2) -> str:
-  """`<out>/train.jsonl`: `per_length` needle videos of each length, shortest first.
+  """`<out>/train.jsonl`: `counts[n]` needle videos of `n` frames, shortest first.
 
   Stage 3 reads this source in file order (`data.ordered_sources`), so the packed sequences
   hold ever longer videos: the model first finds the odd frame among 8, last among 32.
-  Depths are uniform over the whole video; seeds come from the training range only.
+  Depths are uniform over the whole video; seeds come from the training range only. Half the
+  samples carry filler digits before the question (NEEDLE_FILLER_*).
   """
+  counts = NEEDLE_CURRICULUM if counts is None else counts
   rng = np.random.default_rng(seed)
   media = os.path.join(out, "media")
   os.makedirs(media, exist_ok=True)
   lines = []
-  for n in sorted(lengths):
-    for _ in range(per_length):
+  for n in sorted(counts):
+    for _ in range(counts[n]):
       k, video_seed = len(lines), train_needle_seed(rng)
       frames, answer = make_needle_video(n, rng.random(), video_seed)
       _save_frames(frames, os.path.join(media, f"n{k:05d}"))
+      filler = ""
+      if rng.random() < NEEDLE_FILLER_SHARE:   # digits between the video and the question
+        words = rng.integers(0, 10, size=int(rng.integers(1, NEEDLE_FILLER_WORDS + 1)))
+        filler = " ".join(map(str, words)) + "\n"
       lines.append(json.dumps({"id": f"needle{video_seed}", "videos": [f"media/n{k:05d}"],
-                               "messages": _turns((f"<video>\n{NEEDLE_QUESTION}", answer))}))
+                               "messages": _turns((f"<video>\n{filler}{NEEDLE_QUESTION}",
+                                                   answer))}))
   with open(os.path.join(out, "train.jsonl"), "w") as f:
     f.write("\n".join(lines) + "\n")
   return out
