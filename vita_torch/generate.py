@@ -27,7 +27,12 @@ from absl import flags
 
 from vita_jax.errors import ConfigError
 from vita_torch.model import dense_attention
-from vita_torch.ring import lse_attention, ring_attention, sharded_decode_attention, zigzag_indices
+from vita_torch.ring import (
+  block_attention,
+  ring_attention,
+  sharded_decode_attention,
+  zigzag_indices,
+)
 
 DENSE_MAX_TOKENS = 8192     # longer single-process prompts use the tiled attention
 
@@ -147,7 +152,7 @@ def prefill(model, input_ids, pixel_values=None, *, context_parallel: bool = Fal
     if context_parallel:
       return ring_attention(q, k, v, seg, pos, group=group)
     if q.shape[1] > DENSE_MAX_TOKENS:               # tiled: no [S, S] mask or score matrix
-      return lse_attention(q, k, v, seg, pos, seg, pos)[0].to(q.dtype)
+      return block_attention(q, k, v, seg, pos, seg, pos)[0].to(q.dtype)
     return dense_attention(q, k, v, seg, pos)
 
   x = model.embed(full_ids[:, index], pixel_values, fidx)

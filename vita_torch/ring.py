@@ -7,7 +7,8 @@ ids and positions that travel with K/V, so the layout never enters the attention
 
 Prefill (`ring_attention`): each step a rank attends its queries to the K/V block it holds while
 `batch_isend_irecv` passes that block on to rank+1; the per-block results are merged with their
-log-sum-exp in fp32 (`merge`).
+log-sum-exp in fp32 (`merge`). A block is computed by `block_attention`: FlexAttention (fused,
+compiled) on CUDA, fp32 einsum tiles elsewhere (`impl=` chooses).
 
 Decode (`sharded_decode_attention`): each rank keeps the K/V of its own tokens; a new query is
 attended against every shard locally and the partial softmaxes are combined by an all-reduce of
@@ -74,6 +75,55 @@ def lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale=Non
   return out, lse
 
 
+def flex_lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale=None):
+  """`lse_attention` as one FlexAttention call: (out fp32, lse fp32, natural log).
+
+  The block mask is built from the segment ids and positions (FlexAttention skips the blocks
+  with nothing visible); GQA without repeating K/V. Compiled into a fused kernel on CUDA; on
+  other devices FlexAttention runs its unfused reference (how the CPU tests check the mask, the
+  LSE and the empty rows against the eager path).
+  """
+  from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+  def visible(b, h, qi, ki):
+    ok = (seg_q[b, qi] == seg_k[b, ki]) & (seg_q[b, qi] != 0)
+    return ok & (pos_q[b, qi] >= pos_k[b, ki]) if causal else ok
+
+  mask = create_block_mask(visible, q.shape[0], None, q.shape[1], k.shape[1], device=q.device)
+  run = _compiled_flex() if q.is_cuda else flex_attention
+  out, lse = run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                 scale=scale, enable_gqa=True, return_lse=True)
+  return out.transpose(1, 2).float(), lse.transpose(1, 2).float()
+
+
+_COMPILED_FLEX = []
+
+
+def _compiled_flex():
+  if not _COMPILED_FLEX:
+    from torch.nn.attention.flex_attention import flex_attention
+    _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+  return _COMPILED_FLEX[0]
+
+
+ATTENTION_IMPLS = ("auto", "eager", "flex")
+
+
+def block_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale=None,
+                    impl: str = "auto", q_chunk: int = 1024, kv_chunk: int = 4096):
+  """q against one K/V block with its log-sum-exp, by `impl`: "eager" (`lse_attention`'s fp32
+  einsum tiles), "flex" (`flex_lse_attention`), "auto" (flex on CUDA, eager elsewhere; an NPU
+  fused kernel is not wired in yet)."""
+  if impl == "auto":
+    impl = "flex" if q.is_cuda else "eager"
+  if impl == "flex":
+    return flex_lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, causal=causal, scale=scale)
+  if impl == "eager":
+    return lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, causal=causal, scale=scale,
+                         q_chunk=q_chunk, kv_chunk=kv_chunk)
+  raise ValueError(f"attention impl={impl!r} is unknown; use one of {ATTENTION_IMPLS}")
+
+
 def merge(out, lse, block_out, block_lse):
   """Combine two partial attentions over disjoint key sets by their log-sum-exp (fp32)."""
   top = torch.maximum(lse, block_lse)
@@ -93,7 +143,7 @@ def _peers(group):
 
 
 def ring_attention(q, k, v, segment_ids, positions, *, group=None, causal=True, scale=None,
-                   q_chunk: int = 1024, kv_chunk: int = 4096):
+                   q_chunk: int = 1024, kv_chunk: int = 4096, impl: str = "auto"):
   """Attention over a sequence sharded across the ranks of `group`; returns q's dtype.
 
   Every argument is this rank's shard (any token layout; zigzag balances causal work). K/V and
@@ -109,8 +159,9 @@ def ring_attention(q, k, v, segment_ids, positions, *, group=None, causal=True, 
       ops = [dist.P2POp(dist.isend, t, send_to, group) for t in block]
       ops += [dist.P2POp(dist.irecv, t, recv_from, group) for t in incoming]
       pending = dist.batch_isend_irecv(ops)
-    part = lse_attention(q, block[0], block[1], segment_ids, positions, block[2], block[3],
-                         causal=causal, scale=scale, q_chunk=q_chunk, kv_chunk=kv_chunk)
+    part = block_attention(q, block[0], block[1], segment_ids, positions, block[2], block[3],
+                           causal=causal, scale=scale, impl=impl, q_chunk=q_chunk,
+                           kv_chunk=kv_chunk)
     out, lse = part if out is None else merge(out, lse, *part)
     for request in pending:
       request.wait()
@@ -120,14 +171,15 @@ def ring_attention(q, k, v, segment_ids, positions, *, group=None, causal=True, 
 
 
 def sharded_decode_attention(q, segment_ids, positions, k, v, kv_segment_ids, kv_positions, *,
-                             group=None, scale=None, kv_chunk: int = 4096):
+                             group=None, scale=None, kv_chunk: int = 4096,
+                             impl: str = "auto"):
   """New queries [B, Sq, ...] against a KV cache sharded over `group` (this rank's part given).
 
   Partial softmax per rank, then all-reduce: max of the log-sum-exps, then the sums of the
   rescaled denominators and numerators. Returns q's dtype; identical on every rank.
   """
-  out, lse = lse_attention(q, k, v, segment_ids, positions, kv_segment_ids, kv_positions,
-                           causal=True, scale=scale, kv_chunk=kv_chunk)
+  out, lse = block_attention(q, k, v, segment_ids, positions, kv_segment_ids, kv_positions,
+                             causal=True, scale=scale, impl=impl, kv_chunk=kv_chunk)
   top = lse.clone()
   dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
   top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
