@@ -149,6 +149,20 @@ def test_pipeline_counts_every_skip(tmp_path, demo_root, caplog):
   assert sum(b["num_tiles"] for b in batches) > 8
 
 
+def test_a_bad_line_is_warned_about_once_however_many_passes(tmp_path, demo_root, caplog):
+  path = tmp_path / "one_bad.jsonl"
+  good = json.dumps({"messages": [{"role": "user", "content": "What is 1 plus 1?"},
+                                  {"role": "assistant", "content": "2"}]})
+  path.write_text("\n".join([good] * 3 + ["{broken"]) + "\n")
+  config = tiny(demo_root, manifest=str(path), max_bad_fraction=0.5, global_batch_size=1,
+                seq_len=128)
+  it = pipeline.make_train_iterator(config)
+  with caplog.at_level(logging.WARNING):
+    batches = [next(it) for _ in range(12)]
+  assert batches[-1]["skipped/malformed_json"] >= 3          # the line was read on 3+ passes
+  assert caplog.text.count(f"{path}:4 (malformed_json)") == 1
+
+
 def test_too_much_bad_data_stops_the_run(tmp_path, demo_root):
   path = tmp_path / "mostly_ok.jsonl"
   good = json.dumps({"messages": [{"role": "user", "content": "What is 1 plus 1?"},

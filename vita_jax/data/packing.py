@@ -124,13 +124,16 @@ class _PackIterator(grain.DatasetIterator):
     self._kwargs, self._max_bad, self._min_read = builder_kwargs, max_bad_fraction, min_read
     self._carry, self._carry_state = None, None
     self._counts = collections.Counter()
+    self._warned = set()       # manifest lines already reported: one warning each, not per pass
 
   def _count_skip(self, record: dict) -> None:
     reason = record["skip"]
     self._counts["samples_read"] += 1
     self._counts[f"skipped/{reason}"] += 1
     self._counts["skipped"] += 1
-    logging.warning("skipping %s (%s): %s", record["where"], reason, record["message"])
+    if record["where"] not in self._warned:
+      self._warned.add(record["where"])
+      logging.warning("skipping %s (%s): %s", record["where"], reason, record["message"])
     read, bad = self._counts["samples_read"], self._counts["skipped"]
     if read >= self._min_read and bad > self._max_bad * read:
       reasons = ", ".join(f"{k.split('/', 1)[1]}={v}" for k, v in sorted(self._counts.items())
