@@ -17,6 +17,8 @@ the max, the sum and the numerator, so no rank ever holds the whole cache.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -96,14 +98,10 @@ def flex_lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scal
   return out.transpose(1, 2).float(), lse.transpose(1, 2).float()
 
 
-_COMPILED_FLEX = []
-
-
+@functools.cache
 def _compiled_flex():
-  if not _COMPILED_FLEX:
-    from torch.nn.attention.flex_attention import flex_attention
-    _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
-  return _COMPILED_FLEX[0]
+  from torch.nn.attention.flex_attention import flex_attention
+  return torch.compile(flex_attention, dynamic=False)
 
 
 ATTENTION_IMPLS = ("auto", "eager", "flex")
@@ -172,8 +170,11 @@ def ring_attention(q, k, v, segment_ids, positions, *, group=None, causal=True, 
 
 def sharded_decode_attention(q, segment_ids, positions, k, v, kv_segment_ids, kv_positions, *,
                              group=None, scale=None, kv_chunk: int = 4096,
-                             impl: str = "auto"):
+                             impl: str = "eager"):
   """New queries [B, Sq, ...] against a KV cache sharded over `group` (this rank's part given).
+
+  `impl` defaults to the eager tiles: a decode step has one query per row, where a fused
+  kernel gains nothing and "flex" would rebuild its block mask for every layer and token.
 
   Partial softmax per rank, then all-reduce: max of the log-sum-exps, then the sums of the
   rescaled denominators and numerators. Returns q's dtype; identical on every rank.

@@ -322,8 +322,8 @@ def write_needle_curriculum(out: str, counts: dict[int, int] | None = None,
 
   Stage 3 reads this source in file order (`data.ordered_sources`), so the packed sequences
   hold ever longer videos: the model first finds the odd frame among 8, last among 32.
-  Depths are uniform over the whole video; seeds come from the training range only. Half the
-  samples carry filler digits before the question (NEEDLE_FILLER_*).
+  Depths are uniform over the whole video; seeds come from the training range only. A share
+  of the samples (NEEDLE_FILLER_SHARE) carries filler digits before the question.
   """
   counts = NEEDLE_CURRICULUM if counts is None else counts
   rng = np.random.default_rng(seed)

@@ -81,12 +81,12 @@ def attention(q, k, v, segment_ids, positions, *, mesh: jax.sharding.Mesh | None
 
   With `mesh` whose `axis` has more than one device the sequence is sharded and the ring runs
   with `impl` as its block kernel when it is one (BLOCK_KERNELS: "jnp", "pallas"), else with
-  "jnp" (the other kernels return no LSE to merge); on other multi-device meshes a block
-  kernel runs per device inside the same shard_map. Otherwise `impl` picks the
-  local kernel from LOCAL_KERNELS: "jnp" (chunked, default), "auto" (`auto_impl`: "jnp" on
-  CPU, "pallas" on GPU and TPU), "pallas" (the Pallas block
-  kernel), "dense" (the reference), "xla" or
-  "cudnn" (`jax.nn.dot_product_attention`; they build the [S, S] mask, so short sequences only).
+  "jnp" (the other kernels return no LSE to merge); on other multi-device meshes a block kernel
+  runs per device inside the same shard_map. Otherwise `impl` picks the local kernel from
+  LOCAL_KERNELS: "jnp" (chunked, default), "pallas" (the Pallas block kernel), "dense" (the
+  reference), "xla" or "cudnn" (`jax.nn.dot_product_attention`; they build the [S, S] mask, so
+  short sequences only). "auto" is resolved first by `auto_impl` ("jnp" on CPU, "pallas" on GPU
+  and TPU).
   """
   if impl == "auto":
     impl = auto_impl(mesh)

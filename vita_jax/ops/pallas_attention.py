@@ -1,7 +1,7 @@
 """A Pallas implementation of the ring's block kernel (`vita_jax.ops.ring_attention.BlockKernel`).
 
 Why Pallas: the jnp tiles leave the score matrix to XLA, which on GPU/TPU runs far below the
-hardware (issue #16); a Pallas kernel keeps each tile in on-chip memory. The same kernel runs
+hardware; a Pallas kernel keeps each tile in on-chip memory. The same kernel runs
 inside the ring and on one device, so long sequences get it too.
 
 Layout (the ring's head-major one): q [B, Hkv, G, Sq, D], k/v [B, Hkv, Sk, D], ids int32
@@ -83,7 +83,7 @@ def _fwd_kernel(q_ref, qs_ref, qp_ref, k_ref, v_ref, ks_ref, kp_ref, o_ref, lse_
   lse_ref[...] = jnp.where(seen, row_max + jnp.log(total), -jnp.inf)
 
 
-def _specs(b, h, g, sq, sk, d, tq):
+def _specs(sk, d, tq):
   """BlockSpecs shared by the forward and the dq kernel: grid (B, Hkv, G, Sq / tq)."""
   sq_ = pl.squeezed
   q = pl.BlockSpec((sq_, sq_, sq_, tq, d), lambda b, h, g, i: (b, h, g, i, 0))
@@ -100,7 +100,7 @@ def block_forward(qh, q_ids, k, v, kv_ids, *, causal: bool, scale: float, block_
   (out fp32 [B,H,G,Sq,D], lse fp32 [B,H,G,Sq], natural log, -inf where nothing is visible)."""
   b, h, g, sq, d = qh.shape
   sk = k.shape[2]
-  q_spec, row_spec, qid_spec, kv_spec, kvid_spec = _specs(b, h, g, sq, sk, d, block_q)
+  q_spec, row_spec, qid_spec, kv_spec, kvid_spec = _specs(sk, d, block_q)
   kernel = functools.partial(_fwd_kernel, causal=causal, scale=scale, block_k=block_k)
   return pl.pallas_call(
       kernel, grid=(b, h, g, sq // block_q),
@@ -109,6 +109,13 @@ def block_forward(qh, q_ids, k, v, kv_ids, *, causal: bool, scale: float, block_
       out_shape=[_out(qh.shape, qh), _out(qh.shape[:-1], qh)],
       interpret=_interpret(), name="vita_attention_fwd",
   )(qh, *q_ids, k, v, *kv_ids)
+
+
+def _probs_and_ds(q, k, v, dout, lse, delta, mask, scale: float):
+  """A tile's probabilities from the global lse and dS = P * (dout V^T - delta), both [tq, tk]
+  fp32 (zeros where masked): what the dq and the dk/dv kernels both need."""
+  p = jnp.where(mask, jnp.exp(_dot(q, k, _NT) * scale - lse[:, None]), 0.0)
+  return p, p * (_dot(dout, v, _NT) - delta[:, None])
 
 
 def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, qs_ref, qp_ref, k_ref, v_ref, ks_ref, kp_ref,
@@ -120,8 +127,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, dl_ref, qs_ref, qp_ref, k_ref, v_ref, ks_
     sl = pl.ds(j * block_k, block_k)
     k, v = k_ref[sl, :], v_ref[sl, :]
     mask = _mask(q_seg, q_pos, ks_ref[sl], kp_ref[sl], causal)
-    p = jnp.where(mask, jnp.exp(_dot(q, k, _NT) * scale - lse[:, None]), 0.0)
-    ds = p * (_dot(dout, v, _NT) - delta[:, None])
+    _, ds = _probs_and_ds(q, k, v, dout, lse, delta, mask, scale)
     return dq + _dot(ds.astype(k.dtype), k)
 
   dq = lax.fori_loop(0, k_ref.shape[0] // block_k, body, jnp.zeros(q.shape, jnp.float32))
@@ -140,8 +146,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, dl_ref, qs_ref, qp_ref, k_ref, v_ref, ks
     q, dout = q_ref[grp, sl, :], do_ref[grp, sl, :]
     lse, delta = lse_ref[grp, sl], dl_ref[grp, sl]
     mask = _mask(qs_ref[sl], qp_ref[sl], kv_seg, kv_pos, causal)          # [tq, tk]
-    p = jnp.where(mask, jnp.exp(_dot(q, k, _NT) * scale - lse[:, None]), 0.0)
-    ds = p * (_dot(dout, v, _NT) - delta[:, None])
+    p, ds = _probs_and_ds(q, k, v, dout, lse, delta, mask, scale)
     dv = dv + _dot(p.astype(dout.dtype), dout, _TN)
     dk = dk + _dot(ds.astype(q.dtype), q, _TN)
     return dk, dv
@@ -160,7 +165,7 @@ def block_backward(qh, q_ids, k, v, kv_ids, dout, lse, delta, *, causal: bool, s
   b, h, g, sq, d = qh.shape
   sk = k.shape[2]
   interpret = _interpret()
-  q_spec, row_spec, qid_spec, kv_spec, kvid_spec = _specs(b, h, g, sq, sk, d, block_q)
+  q_spec, row_spec, qid_spec, kv_spec, kvid_spec = _specs(sk, d, block_q)
   args = (qh, dout, lse, delta, *q_ids, k, v, *kv_ids)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, causal=causal, scale=scale, block_k=block_k),

@@ -191,24 +191,22 @@ def _jnp_backward(qh, q_ids, k, v, kv_ids, dout, lse, delta, cfg: _Config):
   return (dq_t * cfg.scale).transpose(0, 1, 3, 4, 2), dk * cfg.scale, dv
 
 
-def _pallas_kernel() -> BlockKernel:
+def _pallas_forward(qh, q_ids, k, v, kv_ids, cfg: _Config):
   from vita_jax.ops import pallas_attention as pa  # deferred: Pallas is only loaded when used
-
-  def forward(qh, q_ids, k, v, kv_ids, cfg: _Config):
-    return pa.block_forward(qh, q_ids, k, v, kv_ids, causal=cfg.causal, scale=cfg.scale,
-                            block_q=cfg.q_chunk, block_k=cfg.kv_chunk)
-
-  def backward(qh, q_ids, k, v, kv_ids, dout, lse, delta, cfg: _Config):
-    return pa.block_backward(qh, q_ids, k, v, kv_ids, dout, lse, delta, causal=cfg.causal,
-                             scale=cfg.scale, block_q=cfg.q_chunk, block_k=cfg.kv_chunk)
-
-  return BlockKernel(forward, backward)
+  return pa.block_forward(qh, q_ids, k, v, kv_ids, causal=cfg.causal, scale=cfg.scale,
+                          block_q=cfg.q_chunk, block_k=cfg.kv_chunk)
 
 
-# impl name -> BlockKernel (or a zero-argument factory for one, resolved on first use).
-BLOCK_KERNELS: dict[str, BlockKernel | Callable[[], BlockKernel]] = {
-  "jnp": BlockKernel(_jnp_forward, _jnp_backward),   # the chunked jnp tiles, runs everywhere
-  "pallas": _pallas_kernel,                          # vita_jax.ops.pallas_attention
+def _pallas_backward(qh, q_ids, k, v, kv_ids, dout, lse, delta, cfg: _Config):
+  from vita_jax.ops import pallas_attention as pa
+  return pa.block_backward(qh, q_ids, k, v, kv_ids, dout, lse, delta, causal=cfg.causal,
+                           scale=cfg.scale, block_q=cfg.q_chunk, block_k=cfg.kv_chunk)
+
+
+# impl name -> BlockKernel.
+BLOCK_KERNELS: dict[str, BlockKernel] = {
+  "jnp": BlockKernel(_jnp_forward, _jnp_backward),          # the chunked jnp tiles, everywhere
+  "pallas": BlockKernel(_pallas_forward, _pallas_backward),  # vita_jax.ops.pallas_attention
 }
 
 
@@ -217,10 +215,7 @@ def block_kernel(impl: str) -> BlockKernel:
   if impl not in BLOCK_KERNELS:
     raise ValueError(f"block attention impl={impl!r} is unknown; use one of "
                      f"{sorted(BLOCK_KERNELS)}")
-  kernel = BLOCK_KERNELS[impl]
-  if not isinstance(kernel, BlockKernel):
-    kernel = BLOCK_KERNELS[impl] = kernel()
-  return kernel
+  return BLOCK_KERNELS[impl]
 
 
 def _rotate(xs, cfg: _Config):
