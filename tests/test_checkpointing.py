@@ -9,9 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vita_jax.checkpoints.run import Checkpointer, RestoreError
-from vita_jax.checkpoints.workdir import read_workdir_params
+from vita_jax.checkpoints.workdir import restore_workdir_params
 from vita_jax.errors import InputError
 from vita_jax.training.metrics import MetricsWriter, read_metrics
 
@@ -69,7 +72,7 @@ def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
 def _workdir_checkpoint(ckpt: Checkpointer, step: int):
   """A checkpoint laid out as vita_jax.train saves it (train state + frozen variables)."""
   params = {"llm": {"w": jnp.full((64, 8), step, jnp.float32)}}
-  frozen = {"vision": {"b": jnp.full((8,), -step, jnp.float32)}}
+  frozen = {"vision": {"w": jnp.full((8,), -step, jnp.float32)}}
   state = {"params": params, "opt_state": {"mu": jnp.zeros((64, 8))}, "step": jnp.int32(step)}
   ckpt.save(step, {"state": state, "frozen": frozen}, {"pos": step})
 
@@ -81,22 +84,60 @@ def _truncate_largest_file(directory):
     f.truncate(os.path.getsize(largest) // 2)
 
 
+class _Part(nnx.Module):
+  def __init__(self, shape):
+    self.w = nnx.Param(jnp.zeros(shape, jnp.float32))
+
+
+class _Tiny(nnx.Module):
+  """Parameters at the paths `_workdir_checkpoint` saves: llm.w (trainable), vision.w (frozen)."""
+
+  def __init__(self, llm_shape=(64, 8)):
+    self.llm, self.vision = _Part(llm_shape), _Part((8,))
+
+
+def _weights(model):
+  return {k: np.asarray(v) for k, v in (("llm", model.llm.w.get_value()),
+                                        ("vision", model.vision.w.get_value()))}
+
+
 def test_workdir_weights_fall_back_past_a_truncated_newest_checkpoint(tmp_path, capsys):
   ckpt = Checkpointer(str(tmp_path / "checkpoints"))
   for step in (1, 2):
     _workdir_checkpoint(ckpt, step)
   ckpt.close()
-  assert read_workdir_params(str(tmp_path))[("llm", "w")][0, 0] == 2.0
+  model = _Tiny()
+  assert sorted(restore_workdir_params(model, str(tmp_path))) == [("llm", "w"), ("vision", "w")]
+  assert _weights(model)["llm"][0, 0] == 2.0          # the newest; no optimizer state read
 
   _truncate_largest_file(tmp_path / "checkpoints" / "2")
-  weights = read_workdir_params(str(tmp_path))
+  model = _Tiny()
+  restore_workdir_params(model, str(tmp_path))
   out = capsys.readouterr().out
-  assert set(weights) == {("llm", "w"), ("vision", "b")}       # no optimizer state
-  np.testing.assert_array_equal(weights[("llm", "w")], np.full((64, 8), 1.0))
-  np.testing.assert_array_equal(weights[("vision", "b")], np.full((8,), -1.0))
+  np.testing.assert_array_equal(_weights(model)["llm"], np.full((64, 8), 1.0))
+  np.testing.assert_array_equal(_weights(model)["vision"], np.full((8,), -1.0))
   warnings = [line for line in out.splitlines() if line.startswith("warning:")]
   assert len(warnings) == 1 and "checkpoint step 2 is unreadable" in warnings[0]
 
   _truncate_largest_file(tmp_path / "checkpoints" / "1")
   with pytest.raises(InputError, match=r"none of the checkpoints .*\(steps \[2, 1\]\)"):
-    read_workdir_params(str(tmp_path))
+    restore_workdir_params(_Tiny(), str(tmp_path))
+
+
+def test_workdir_weights_restore_onto_the_models_sharding_and_name_a_misfit(tmp_path):
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  _workdir_checkpoint(ckpt, 5)
+  ckpt.close()
+  mesh = jax.make_mesh((4, 2), ("a", "b"))
+  model = _Tiny()
+  sharding = NamedSharding(mesh, P("a", "b"))
+  model.llm.w.set_value(jax.device_put(model.llm.w.get_value(), sharding))
+  restore_workdir_params(model, str(tmp_path))
+  restored = model.llm.w.get_value()
+  assert restored.sharding == sharding                 # restored onto the model's placement
+  assert {s.data.shape for s in restored.addressable_shards} == {(16, 4)}
+  np.testing.assert_array_equal(np.asarray(restored), np.full((64, 8), 5.0))
+
+  # A model of another shape is one error naming the parameter, not a skipped checkpoint.
+  with pytest.raises(ValueError, match=r"llm\.w: checkpoint \(64, 8\) vs model \(32, 8\)"):
+    restore_workdir_params(_Tiny(llm_shape=(32, 8)), str(tmp_path))

@@ -93,9 +93,11 @@ def load_initial_weights(config, model) -> None:
     if not os.path.exists(config.init_from):
       raise ConfigError(f"init_from={config.init_from!r} does not exist; pass a previous "
                         "stage's workdir or a Hugging Face checkpoint directory")
-    weights = (wd.read_workdir_params(config.init_from) if wd.is_workdir(config.init_from)
-               else read_weights(config.init_from, config.model))
-    wd.assign_params(model, weights, source=config.init_from, require_all=True)
+    if wd.is_workdir(config.init_from):     # read straight onto this run's shardings
+      wd.restore_workdir_params(model, config.init_from)
+    else:
+      wd.assign_params(model, read_weights(config.init_from, config.model),
+                       source=config.init_from, require_all=True)
   for path, part in ((config.init_from_llm, "llm"), (config.init_from_vision, "vision")):
     if path:
       weights = read_weights(path, config.model, part=part)

@@ -3,8 +3,8 @@
 Saves are asynchronous, the last `keep` are kept, and restoring walks back from the newest:
 orbax never exposes a half-written (uncommitted) step, and a committed one that fails to load
 is reported and skipped in favour of the one before. The trainer restores the whole state onto
-its mesh (`restore`); readers of a workdir take only the weights, on the host
-(`restore_on_host`).
+its mesh (`restore`); readers of a workdir take only the weights, straight onto their own
+shardings (`restore_sharded`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import pickle
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -37,6 +36,10 @@ def _decode_data_state(blob: dict) -> Any:
 
 class RestoreError(RuntimeError):
   pass
+
+
+class MismatchError(ValueError):
+  """The checkpoint reads but does not fit what it is restored into (names every offender)."""
 
 
 class Checkpointer:
@@ -97,31 +100,44 @@ class Checkpointer:
                                   "--config.init_from).")
     return None if found is None else (found[0], *found[1])
 
-  def restore_on_host(self, *paths: tuple[str, ...]):
-    """(step, tree) of the newest loadable checkpoint, or None if none: only the subtrees of
-    the saved state at `paths` (e.g. ("state", "params")), as numpy arrays. Any device count
-    can read it, and the rest of the state (the optimizer's) is never read."""
+  def restore_sharded(self, paths, target):
+    """(step, tree) of the newest loadable checkpoint, or None if none: the subtrees at `paths`
+    restored straight onto devices. `target(saved)` gets the saved subtrees (orbax metadata
+    leaves: `.shape`, `.dtype`) and returns, for the same tree, the `jax.sharding.Sharding` and
+    dtype each leaf should have as `(sharding, dtype)` pairs. Each process reads only the
+    pieces its devices hold; no host ever holds the whole tree, and the optimizer state is
+    never read. A ValueError from `target` (shapes that do not fit) is raised as a
+    MismatchError, not taken for a damaged checkpoint."""
     def load(step):
       path = epath.Path(self.directory) / str(step) / "state"
       reader = ocp.PyTreeCheckpointHandler()
       try:
         wanted = _subtrees(reader.metadata(path).tree, paths)
-        on_host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        try:
+          placed = target(wanted)
+        except ValueError as e:
+          raise MismatchError(str(e)) from e
+        args = jax.tree.map(
+            lambda meta, want: ocp.ArrayRestoreArgs(sharding=want[0], dtype=want[1],
+                                                    global_shape=tuple(meta.shape)),
+            wanted, placed, is_leaf=lambda x: isinstance(x, tuple))
         return reader.restore(path, args=ocp.args.PyTreeRestore(
-            wanted, restore_args=on_host, partial_restore=True))
+            wanted, restore_args=args, partial_restore=True))
       finally:
         reader.close()
 
     return self._newest_loadable(load, "The files are damaged or incomplete; copy the workdir "
-                                 "again or train it again.")
+                                 "again or train it again.", passes=(MismatchError,))
 
-  def _newest_loadable(self, load, hint: str):
+  def _newest_loadable(self, load, hint: str, passes: tuple = ()):
     """(step, load(step)) for the newest step that loads. A newest checkpoint that fails is
     reported in one line and the one before it tried; none loading is a RestoreError."""
     errors = []
     for step in reversed(self.all_steps()):
       try:
         return step, load(step)
+      except passes:          # the caller's own verdict (e.g. shapes that do not fit)
+        raise
       except Exception as e:  # unreadable or incompatible: try the previous one
         errors.append((step, e))
         reason = (str(e).strip().splitlines() or [""])[0][:200]

@@ -2,9 +2,10 @@
 
     model, config = load_model_from_workdir("runs/demo")
 
-Also the partial weight loading used by stage chaining (`config.init_from*`): weights given as
-a nested dict keyed like the model's state are copied in, and whatever differs (missing,
-unexpected, wrong shape) is reported by name.
+Also the weight loading used by stage chaining (`config.init_from*`): a workdir's checkpoint is
+restored straight onto the loading model's shardings (`restore_workdir_params`); weights from a
+Hugging Face directory, given flat {path: array}, are copied in (`assign_params`). Whatever
+differs (missing, unexpected, wrong shape) is reported by name.
 """
 
 from __future__ import annotations
@@ -57,52 +58,32 @@ def _norm_key(k):
   return int(k) if isinstance(k, str) and k.isdigit() else k
 
 
-def read_workdir_params(workdir: str) -> dict[tuple, np.ndarray]:
-  """Flat {path: host array} of all parameters (trainable and frozen) of a workdir's newest
-  loadable checkpoint; a damaged newest one is reported and the one before it used."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{directory} not found: {workdir!r} is not a training workdir "
-                            "written by vita_jax.train")
-  ckpt = Checkpointer(directory)
-  try:
-    found = ckpt.restore_on_host(("state", "params"), ("frozen",))
-  except RestoreError as e:
-    raise InputError(str(e)) from e
-  finally:
-    ckpt.close()
-  if found is None:
-    raise FileNotFoundError(f"no complete checkpoint under {directory}: the run stopped before "
-                            "its first save; resume it (the same train command) or pick another "
-                            "workdir")
-  tree = found[1]
-  flat = {}
-  for part in (tree["state"]["params"], tree["frozen"]):
-    for path, value in flatten(dict(part)).items():
-      flat[tuple(_norm_key(k) for k in path)] = np.asarray(value)
-  return flat
-
-
-def assign_params(model: nnx.Module, weights: dict[tuple, np.ndarray], *, source: str,
-                  prefix: tuple = (), require_all: bool = False) -> list[tuple]:
-  """Copy `weights` (flat {path: array}) into `model` in place; returns the paths set.
-
-  Unexpected paths and shape mismatches are errors that list every offender; params under
-  `prefix` that `weights` lacks are an error when `require_all`, else only reported.
-  """
+def _model_params(model: nnx.Module) -> dict[tuple, nnx.Variable]:
+  """{path: Variable} of the model's parameters (trainable and frozen alike)."""
   state = nnx.state(model, nnx.Param)
   current = {}
   for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(
       x, nnx.Variable)):
-    key = tuple(_norm_key(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    current[key] = var
-  unexpected = sorted(".".join(map(str, p)) for p in weights if p not in current)
-  mismatched = [f"{'.'.join(map(str, p))}: checkpoint {tuple(np.shape(w))} vs model "
+    current[_key_path(path)] = var
+  return current
+
+
+def _key_path(path) -> tuple:
+  return tuple(_norm_key(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def check_fit(shapes: dict[tuple, tuple], current: dict[tuple, nnx.Variable], *, source: str,
+              prefix: tuple = (), require_all: bool = False) -> None:
+  """Raise one ValueError listing every path of `shapes` ({path: shape} of the weights) that
+  the model lacks or has in another shape, and (when `require_all`) every model parameter
+  under `prefix` that the weights lack; only report the latter otherwise."""
+  unexpected = sorted(".".join(map(str, p)) for p in shapes if p not in current)
+  mismatched = [f"{'.'.join(map(str, p))}: checkpoint {tuple(shape)} vs model "
                 f"{tuple(current[p].get_value().shape)}"
-                for p, w in weights.items()
-                if p in current and tuple(np.shape(w)) != tuple(current[p].get_value().shape)]
+                for p, shape in shapes.items()
+                if p in current and tuple(shape) != tuple(current[p].get_value().shape)]
   missing = sorted(".".join(map(str, p)) for p in current
-                   if p[:len(prefix)] == prefix and p not in weights)
+                   if p[:len(prefix)] == prefix and p not in shapes)
   problems = []
   if mismatched:
     problems.append("shape mismatches: " + "; ".join(mismatched[:20]))
@@ -117,12 +98,68 @@ def assign_params(model: nnx.Module, weights: dict[tuple, np.ndarray], *, source
   if missing:
     print(f"note: {len(missing)} parameters not in {source} keep their fresh initialisation "
           f"(e.g. {', '.join(missing[:3])})", flush=True)
+
+
+def assign_params(model: nnx.Module, weights: dict[tuple, np.ndarray], *, source: str,
+                  prefix: tuple = (), require_all: bool = False) -> list[tuple]:
+  """Copy `weights` (flat {path: host array}) into `model` in place; returns the paths set.
+
+  Unexpected paths and shape mismatches are errors that list every offender; params under
+  `prefix` that `weights` lacks are an error when `require_all`, else only reported.
+  """
+  current = _model_params(model)
+  check_fit({p: np.shape(w) for p, w in weights.items()}, current, source=source, prefix=prefix,
+            require_all=require_all)
   for path, value in weights.items():
     var = current[path]
     old = var.get_value()
     # Keep the parameter's placement: a sharded model stays sharded while it is filled.
     var.set_value(jax.device_put(np.asarray(value, old.dtype), old.sharding))
   return list(weights)
+
+
+def restore_workdir_params(model: nnx.Module, workdir: str) -> list[tuple]:
+  """Fill every parameter of `model` from a workdir's newest loadable checkpoint, in place.
+
+  Each array is restored straight onto the sharding the model's parameter has (the mesh of the
+  run that loads it, any size, any number of processes): every process reads only the pieces
+  its own devices hold, nothing is gathered to one host, and the optimizer state is never
+  read. The model must have exactly the checkpoint's parameters (trainable and frozen alike;
+  one error names every difference). A damaged newest checkpoint is reported and the one
+  before it used. Returns the paths set.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory} not found: {workdir!r} is not a training workdir "
+                            "written by vita_jax.train")
+  current = _model_params(model)
+  roots = (("state", "params"), ("frozen",))
+
+  def ours(path) -> tuple:          # a saved leaf's key path -> the model's parameter path
+    keys = _key_path(path)
+    return keys[2:] if keys[:2] == roots[0] else keys[1:]
+
+  def target(saved):
+    shapes = {ours(p): m.shape for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+    check_fit(shapes, current, source=workdir, require_all=True)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: (current[ours(p)].get_value().sharding, current[ours(p)].get_value().dtype),
+        saved)
+
+  ckpt = Checkpointer(directory)
+  try:
+    found = ckpt.restore_sharded(roots, target)
+  except RestoreError as e:
+    raise InputError(str(e)) from e
+  finally:
+    ckpt.close()
+  if found is None:
+    raise FileNotFoundError(f"no complete checkpoint under {directory}: the run stopped before "
+                            "its first save; resume it (the same train command) or pick another "
+                            "workdir")
+  for path, value in jax.tree_util.tree_leaves_with_path(found[1]):
+    current[ours(path)].set_value(value)
+  return [ours(p) for p, _ in jax.tree_util.tree_leaves_with_path(found[1])]
 
 
 def load_model_from_workdir(workdir: str, *, dtype: str | None = None, mesh=None):
@@ -132,5 +169,5 @@ def load_model_from_workdir(workdir: str, *, dtype: str | None = None, mesh=None
   if dtype is not None:
     config.model.compute_dtype = dtype
   model = LongVITA(config.model, rngs=nnx.Rngs(0), mesh=mesh)
-  assign_params(model, read_workdir_params(workdir), source=workdir, require_all=True)
+  restore_workdir_params(model, workdir)
   return model, config
