@@ -37,19 +37,22 @@ def _prompt(model, seed=0, text=21, tiles=3):
   return np.asarray([ids], np.int32), pixels
 
 
-def _naive_greedy(model, ids, pixels, n):
+_forward = nnx.jit(lambda m, x, p: m(x, p))
+
+
+def _naive_greedy(model, ids, pixels, n, width=None):
   """(tokens [B, n], logits at the last prompt token [B, V]): the full model rerun on the whole
-  sequence for every token (one fixed padded shape; causal, so the padding is never seen)."""
+  sequence for every token (one fixed padded shape, `width` >= S + n if given; causal, so the
+  padding is never seen)."""
   b, s = ids.shape
-  forward = nnx.jit(lambda m, x, p: m(x, p))
-  cur = np.zeros((b, s + n), np.int32)
+  cur = np.zeros((b, width or s + n), np.int32)
   cur[:, :s] = ids
   first = None
   for i in range(n):
-    logits = np.asarray(forward(model, cur, pixels)[:, s + i - 1])
+    logits = np.asarray(_forward(model, cur, pixels)[:, s + i - 1])
     first = logits if first is None else first
     cur[:, s + i] = logits.argmax(-1)
-  return cur[:, s:], first
+  return cur[:, s:s + n], first
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +65,9 @@ def reference(model):
 @pytest.mark.parametrize("shards", [1, 2, 4, 8])
 def test_seq_shards_match_naive_greedy(model, reference, shards):
   ids, pixels, want_tokens, want_logits = reference
-  logits, cache, s = gen.prefill(model, ids, pixels, seq_shards=shards, max_new_tokens=NEW,
-                                 vision_chunk=2)
-  assert s == ids.shape[1] and cache.k.shape[2] % (2 * shards) == 0
+  logits, cache, lengths = gen.prefill(model, ids, pixels, seq_shards=shards,
+                                       max_new_tokens=NEW, vision_chunk=2)
+  assert lengths.tolist() == [ids.shape[1]] and cache.k.shape[2] % (2 * shards) == 0
   np.testing.assert_allclose(np.asarray(logits), want_logits, atol=1e-4, rtol=0)
   got = gen.generate(model, ids, pixels, max_new_tokens=NEW, seq_shards=shards, vision_chunk=2)
   np.testing.assert_array_equal(got, want_tokens)
@@ -168,3 +171,110 @@ def test_mesh_larger_than_the_devices_is_an_error(model):
   with pytest.raises(gen.ConfigError, match=r"seq_shards=4 x fsdp=2 x tensor=2 needs that many"):
     gen.generate(model, np.ones((1, 8), np.int32), max_new_tokens=2, seq_shards=4, fsdp=2,
                  tensor=2)
+
+
+# Ragged batches: rows of different lengths in one call, padding carried by segment id 0.
+
+RAGGED = (5, 17, 11)
+
+
+def _ragged_rows(model):
+  """Rows of 5, 17 and 11 tokens: text only; 11 words and an image of 1 tile; a video of 1
+  frame and 5 words -> (rows, pixels of rows 1 and 2 in order, each row's own pixels)."""
+  t = model.config.tokens
+  rng = np.random.default_rng(7)
+  words = lambda n: [int(w) for w in rng.integers(30, 2000, size=n)]
+  tpt = spec_tokens.tokens_per_tile(model.config)
+  rows = [words(5),
+          words(6) + [t.img_start_id] + [t.img_context_id] * tpt + [t.img_end_id] + words(5),
+          [t.vid_start_id] + [t.vid_context_id] * tpt + [t.vid_end_id] + words(5)]
+  assert tuple(map(len, rows)) == RAGGED
+  pixels = rng.normal(size=(2, 56, 56, 3)).astype(np.float32)
+  return rows, pixels, [None, pixels[:1], pixels[1:]]
+
+
+@pytest.fixture(scope="module")
+def sharp(model):
+  """The tiny model with its query and key kernels x4. At initialisation attention is nearly
+  uniform, so greedy tokens hardly depend on positions: decoding every row from the longest
+  row's length gave the same tokens. Sharper attention makes such a mistake change them."""
+  sharp = LongVITA(model.config, rngs=nnx.Rngs(0))
+  layers = sharp.llm.layers
+  layers.q_kernel[...] = layers.q_kernel[...] * 4
+  layers.k_kernel[...] = layers.k_kernel[...] * 4
+  return sharp
+
+
+@pytest.fixture(scope="module")
+def ragged(sharp):
+  """The ragged rows and, per row run alone through the naive loop, its greedy tokens [NEW] and
+  last-prompt-token logits [V] (the `sharp` model)."""
+  rows, pixels, own = _ragged_rows(sharp)
+  tokens, logits = zip(*(_naive_greedy(sharp, np.asarray([r], np.int32), p, NEW, width=32)
+                         for r, p in zip(rows, own)))
+  return rows, pixels, own, np.concatenate(tokens), np.concatenate(logits)
+
+
+@pytest.mark.parametrize("shards", [1, 4])
+def test_ragged_batch_matches_naive_rows_alone(sharp, ragged, shards):
+  """Rows of 5, 17 and 11 tokens (two with visual tokens) in one batch: each row's
+  last-position logits (<= 1e-4) and greedy tokens equal the naive loop on that row alone."""
+  rows, pixels, _, want_tokens, want_logits = ragged
+  logits, cache, lengths = gen.prefill(sharp, rows, pixels, seq_shards=shards,
+                                       max_new_tokens=NEW)
+  assert lengths.tolist() == list(RAGGED) and cache.k.shape[2] == 32
+  np.testing.assert_array_equal(np.asarray(cache.segment_ids).sum(1), RAGGED)
+  np.testing.assert_allclose(np.asarray(logits), want_logits, atol=1e-4, rtol=0)
+  got = gen.generate(sharp, rows, pixels, max_new_tokens=NEW, seq_shards=shards)
+  np.testing.assert_array_equal(got, want_tokens)
+
+
+@pytest.mark.slow
+def test_ragged_batch_equals_generate_on_each_row(sharp, ragged):
+  """The batch's tokens equal `generate` on each row alone (one compile per row's bucket)."""
+  rows, pixels, own, _, _ = ragged
+  got = gen.generate(sharp, rows, pixels, max_new_tokens=NEW)
+  alone = [gen.generate(sharp, [r], p, max_new_tokens=NEW) for r, p in zip(rows, own)]
+  np.testing.assert_array_equal(np.concatenate(alone), got)
+
+
+@pytest.mark.slow
+def test_ragged_batch_with_sharded_parameters(sharp, ragged):
+  """Seq 2 x fsdp 2 x tensor 2: the same logits and tokens as the naive loop, row by row."""
+  rows, pixels, _, want_tokens, want_logits = ragged
+  kw = dict(seq_shards=2, fsdp=2, tensor=2, max_new_tokens=NEW)
+  logits, _, _ = gen.prefill(sharp, rows, pixels, **kw)
+  np.testing.assert_allclose(np.asarray(logits), want_logits, atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(gen.generate(sharp, rows, pixels, **kw), want_tokens)
+
+
+def test_ragged_eos_in_one_row_while_others_continue(sharp, ragged):
+  """Row 1 produces EOS at its third token and is padded after it; the other rows go on (the
+  streaming path, one jitted step per token)."""
+  rows, pixels, _, want, _ = ragged
+  eos = int(want[1, 2])
+  pad = int(sharp.config.tokens.get("pad_id", 0))
+  expect = want.copy()
+  for r in range(len(rows)):
+    hits = np.flatnonzero(want[r] == eos)
+    if hits.size:
+      expect[r, hits[0] + 1:] = pad
+  ends = [np.flatnonzero(want[r] == eos) for r in range(len(rows))]
+  assert any(e.size == 0 or e[0] > 2 for e in ends), "no row continues past row 1's EOS"
+  count = max(NEW if e.size == 0 else e[0] + 1 for e in ends)
+  streamed = []
+  got = gen.generate(sharp, rows, pixels, max_new_tokens=NEW, eos_id=eos,
+                     on_token=lambda i, tok: streamed.append(tok.tolist()))
+  np.testing.assert_array_equal(got, expect[:, :count])
+  np.testing.assert_array_equal(np.asarray(streamed).T, got)
+
+
+def test_ragged_input_errors(model):
+  with pytest.raises(gen.InputError, match="row 1 of input_ids is empty"):
+    gen.generate(model, [[40, 41], [], [42]], max_new_tokens=2)
+  with pytest.raises(gen.InputError, match="empty list"):
+    gen.prefill(model, [])
+  with pytest.raises(gen.InputError, match=r"row 0 of input_ids must be a 1-D.*ids\[0\]"):
+    gen.prefill(model, [np.ones((1, 4), np.int32)])
+  with pytest.raises(gen.InputError, match=r"longest row of the prompt \(1\) has 99 tokens"):
+    gen.prefill(model, [[40] * 3, [40] * 99], max_new_tokens=2, max_length=100)

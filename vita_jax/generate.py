@@ -2,17 +2,18 @@
 
     tokens = generate(model, input_ids, pixel_values, max_new_tokens=32, seq_shards=8)
 
-Prefill: the prompt is padded to a shape bucket (2*seq_shards times a power of two; padding is
-segment 0), put in the zigzag layout and sharded over the `seq` mesh axis. Every layer runs ring
-attention and keeps its K/V where they were computed, so the cache is [layers, B, S, Hkv, hd]
-sharded over `seq`, with the positions and segment ids that say which token each row is.
-Logits are computed at the last real token only (`select_logits`).
+Prefill: each row of the prompt (rows may differ in length) is padded after its last token to a
+shape bucket (2*seq_shards times a power of two; padding is segment 0), put in the zigzag layout
+and sharded over the `seq` mesh axis. Every layer runs ring attention and keeps its K/V where
+they were computed, so the cache is [layers, B, S, Hkv, hd] sharded over `seq`, with the
+positions and segment ids that say which token each row is. Logits are computed at each row's
+last real token only (`select_logits`).
 
-Decode: a new token attends to the sharded prompt cache — each shard computes a softmax over its
-own slice and the partials are merged by log-sum-exp with pmax/psum, never gathering the cache —
-and to a small replicated buffer with the generated tokens' K/V. All shapes are fixed per
-bucket, so one compilation serves every decode step (a `lax.while_loop`, or a jitted step per
-token when streaming).
+Decode: each row's new token, at that row's own position, attends to the sharded prompt cache —
+each shard computes a softmax over its own slice and the partials are merged by log-sum-exp with
+pmax/psum, never gathering the cache — and to a small replicated buffer with the generated
+tokens' K/V. All shapes are fixed per bucket, so one compilation serves every decode step (a
+`lax.while_loop`, or a jitted step per token when streaming).
 
 The vision tower runs over the tiles/frames in fixed-size chunks with the frames of a chunk
 spread over all devices of the mesh.
@@ -49,9 +50,9 @@ from vita_jax.parallel.sharding import logical_to_spec, shard_state
 from vita_jax.spec.tokens import check_visual_tokens, context_index
 from vita_jax.spec.zigzag import inverse_permutation, zigzag_permutation
 
-__all__ = ["Cache", "ConfigError", "Decoding", "Sampling", "bucket_length", "build_prompt",
-           "generate", "load_for_inference", "max_length_of", "placement", "prefill", "sample",
-           "vision_features"]
+__all__ = ["Cache", "ConfigError", "Decoding", "InputError", "Sampling", "bucket_length",
+           "build_prompt", "generate", "load_for_inference", "max_length_of", "placement",
+           "prefill", "prompt_rows", "sample", "vision_features"]
 
 VISION_CHUNK_PER_DEVICE = 8
 
@@ -151,22 +152,53 @@ def max_length_of(model) -> int | None:
   return int(value) if value else None
 
 
+def prompt_rows(input_ids) -> tuple[np.ndarray, np.ndarray]:
+  """The prompt as (ids int32 [B, S] right-padded with 0, lengths int32 [B]).
+
+  `input_ids` is an int array [B, S] (every row S tokens) or a sequence of B 1-D int sequences
+  of any lengths (a ragged batch; S is the longest)."""
+  if isinstance(input_ids, (list, tuple)):
+    rows = [np.asarray(r) for r in input_ids]
+    if not rows:
+      raise InputError("input_ids is an empty list; give at least one row of token ids")
+    for i, r in enumerate(rows):
+      if r.ndim != 1:
+        raise InputError(f"row {i} of input_ids must be a 1-D sequence of token ids; got shape "
+                         f"{r.shape} (build_prompt returns [1, S]: pass its row, ids[0])")
+      if r.size == 0:
+        raise InputError(f"row {i} of input_ids is empty; every row needs at least one token")
+    lengths = np.asarray([r.size for r in rows], np.int32)
+    ids = np.zeros((len(rows), int(lengths.max())), np.int32)
+    for i, r in enumerate(rows):
+      ids[i, :r.size] = r
+    return ids, lengths
+  ids = np.asarray(input_ids, np.int32)
+  if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+    raise InputError(f"input_ids must be int [batch, seq] with batch, seq > 0, or a list of 1-D "
+                     f"rows; got shape {ids.shape}")
+  return ids, np.full((ids.shape[0],), ids.shape[1], np.int32)
+
+
 def prefill(model, input_ids, pixel_values=None, *, seq_shards: int = 1, max_new_tokens: int = 1,
             max_length: int | None = None, vision_chunk: int | None = None,
             timings: dict | None = None, fsdp: int = 1, tensor: int = 1):
-  """Run the prompt; -> (fp32 logits [B, V] at the last prompt token, Cache, prompt_len).
+  """Run the prompt; -> (fp32 logits [B, V] at each row's last prompt token, Cache,
+  prompt lengths int32 [B]).
 
-  The prompt is padded to `bucket_length(S, seq_shards)`, zigzagged and sharded over `seq`.
+  `input_ids`: an int array [B, S], or a list of B 1-D int sequences of any lengths (a ragged
+  batch; see `prompt_rows`). Each row is padded after its last token with segment id 0 to
+  `bucket_length(longest row, seq_shards)`, its real tokens at positions 0..len-1; the rows are
+  zigzagged and sharded over `seq`. `pixel_values` feed the visual context tokens in order, row
+  0's first.
   """
   import time
-  ids = np.asarray(input_ids, np.int32)
-  if ids.ndim != 2 or ids.shape[1] == 0:
-    raise InputError(f"input_ids must be int [batch, seq] with seq > 0; got shape {ids.shape}")
+  ids, lengths = prompt_rows(input_ids)
   b, s = ids.shape
   max_length = max_length if max_length is not None else max_length_of(model)
   if max_length is not None and s + max_new_tokens > max_length:
+    row = f"the longest row of the prompt ({int(np.argmax(lengths))})" if b > 1 else "the prompt"
     raise InputError(
-        f"the prompt has {s} tokens and max_new_tokens={max_new_tokens}, {s + max_new_tokens} "
+        f"{row} has {s} tokens and max_new_tokens={max_new_tokens}, {s + max_new_tokens} "
         f"in all, more than the model's maximum length {max_length} "
         "(config.llm.max_position_embeddings); shorten the prompt (fewer frames or tiles) or "
         "generate fewer tokens")
@@ -177,16 +209,18 @@ def prefill(model, input_ids, pixel_values=None, *, seq_shards: int = 1, max_new
   features, ctx = None, np.full(ids.shape, -1, np.int32)
   if pixel_values is not None and pixel_values.shape[0] > 0:
     features = vision_features(model, pixel_values, runner, state, chunk=vision_chunk)
-    check_visual_tokens(ids, model.context_ids, pixel_values.shape[0], features.shape[1])
-    ctx = context_index(ids, model.context_ids)
+    # Padding is never a context token: features go to the rows' own tokens in order.
+    visible = np.where(np.arange(s)[None] < lengths[:, None], ids, -1)
+    check_visual_tokens(visible, model.context_ids, pixel_values.shape[0], features.shape[1])
+    ctx = context_index(visible, model.context_ids)
   length = bucket_length(s, seq_shards)
   perm = zigzag_permutation(length, seq_shards)
   pad = lambda x, v: np.pad(x, ((0, 0), (0, length - s)), constant_values=v)
   positions = np.broadcast_to(np.arange(length, dtype=np.int32), (b, length))
-  segments = np.broadcast_to((np.arange(length) < s).astype(np.int32), (b, length))
+  segments = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
   seq_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), mesh, (b, length)))
   put = lambda x: jax.device_put(np.ascontiguousarray(x[:, perm]), seq_sharding)
-  last = np.full((b,), inverse_permutation(perm)[s - 1], np.int32)
+  last = inverse_permutation(perm)[lengths - 1].astype(np.int32)
   new_len = max(16, 1 << math.ceil(math.log2(max(1, max_new_tokens))))
   logits, cache = runner.prefill(state, put(pad(ids, 0)), put(pad(ctx, -1)), features,
                                  put(positions), put(segments), jnp.asarray(last),
@@ -194,9 +228,9 @@ def prefill(model, input_ids, pixel_values=None, *, seq_shards: int = 1, max_new
   if timings is not None:
     jax.block_until_ready(logits)
     timings["prefill_s"] = time.perf_counter() - t0
-    timings["prompt_tokens"] = s
+    timings["prompt_tokens"] = s                      # the longest row
     timings["bucket"] = length
-  return logits, cache, s
+  return logits, cache, lengths
 
 
 def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int, seq_shards: int = 1,
@@ -204,23 +238,28 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int, seq_sh
              eos_id: int | None = None, seed: int = 0, max_length: int | None = None,
              vision_chunk: int | None = None, on_token=None, timings: dict | None = None,
              fsdp: int = 1, tensor: int = 1):
-  """Generate up to `max_new_tokens` tokens after `input_ids` int [B, S] -> int32 [B, new].
+  """Generate up to `max_new_tokens` tokens after each row of `input_ids` -> int32 [B, new].
 
+  `input_ids` is an int array [B, S] or a list of B 1-D int sequences of different lengths (a
+  ragged batch): each row is padded after its end with segment id 0 and decoded from its own
+  length, so its greedy tokens are those of generating that row alone (sampling draws one key
+  per step for the whole batch, so a sampled row also depends on the others).
   The generation mesh has `seq_shards` x `fsdp` x `tensor` devices: the prompt and KV cache are
   split over `seq`, the parameters over `fsdp` and `tensor` (docs/inference.md).
   Greedy at temperature 0. Generation stops early once every row has produced `eos_id`
   (which is kept; rows that finished earlier are filled with the config's pad id).
-  `pixel_values` float32 [tiles, H, W, 3] feed the visual context tokens in order.
+  `pixel_values` float32 [tiles, H, W, 3] feed the visual context tokens in order (row 0's
+  first, then row 1's, ...).
   `on_token(step, tokens [B])` streams tokens as they come (one jitted call per token);
   without it the whole decode is one `lax.while_loop`.
   """
   import time
   if max_new_tokens < 1:
     raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1 (--max_new_tokens)")
-  logits, cache, s = prefill(model, input_ids, pixel_values, seq_shards=seq_shards,
-                             max_new_tokens=max_new_tokens, max_length=max_length,
-                             vision_chunk=vision_chunk, timings=timings, fsdp=fsdp,
-                             tensor=tensor)
+  logits, cache, lengths = prefill(model, input_ids, pixel_values, seq_shards=seq_shards,
+                                   max_new_tokens=max_new_tokens, max_length=max_length,
+                                   vision_chunk=vision_chunk, timings=timings, fsdp=fsdp,
+                                   tensor=tensor)
   runner = _runner(model, seq_shards, fsdp, tensor)
   state = runner.state(model)
   sampling = Sampling(float(temperature), int(top_k), float(top_p))
@@ -230,8 +269,9 @@ def generate(model, input_ids, pixel_values=None, *, max_new_tokens: int, seq_sh
   b, n = logits.shape[0], cache.new_k.shape[2]
   tokens, done = runner.first(logits, key, jnp.zeros((b, n), jnp.int32), sampling=sampling,
                               eos_id=eos)
-  # Scalars replicated on the mesh, as the step returns them: same input shardings every call.
-  scalars = jax.device_put((np.int32(1), np.int32(max_new_tokens), np.int32(s), key),
+  # Scalars and the lengths [B] replicated on the mesh, as the step returns them: the same input
+  # shardings every call.
+  scalars = jax.device_put((np.int32(1), np.int32(max_new_tokens), lengths, key),
                            NamedSharding(runner.mesh, P()))
   st = Decoding(cache, tokens, scalars[0], scalars[1], scalars[2], done, scalars[3])
   kw = dict(sampling=sampling, eos_id=eos, pad_id=pad)

@@ -45,7 +45,8 @@ class Decoding(NamedTuple):
   tokens: jax.Array         # [B, N] int32 generated so far (pad after EOS)
   count: jax.Array          # scalar int32: tokens generated so far
   limit: jax.Array          # scalar int32: max_new_tokens
-  prompt_len: jax.Array     # scalar int32: real prompt length (position of the first new token)
+  prompt_len: jax.Array     # [B] int32: each row's prompt length, the position of its first
+                            # new token (a scalar: every row's)
   done: jax.Array           # [B] bool: row has produced EOS
   key: jax.Array
 
@@ -114,10 +115,11 @@ def decode_step(graphdef, state, st: Decoding, *, mesh, sampling, eos_id, pad_id
   b, n = st.tokens.shape
   slot = st.count - 1                                   # buffer row of the token fed now
   token = lax.dynamic_index_in_dim(st.tokens, slot, axis=1)               # [B, 1]
-  pos = jnp.full((b, 1), st.prompt_len + slot, jnp.int32)
+  prompt_len = jnp.broadcast_to(st.prompt_len, (b,)).astype(jnp.int32)
+  pos = (prompt_len + slot)[:, None]                    # [B, 1] each row at its own length
   one = jnp.ones((b, 1), jnp.int32)
   cos, sin = rope_tables(pos, cfg.head_dim, cfg.rope_theta)
-  buf_pos = jnp.broadcast_to(st.prompt_len + jnp.arange(n, dtype=jnp.int32), (b, n))
+  buf_pos = prompt_len[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
   buf_seg = jnp.broadcast_to((jnp.arange(n) <= slot).astype(jnp.int32), (b, n))
 
   def body(x, layer):

@@ -138,13 +138,13 @@ class Engine:
 
   def start(self) -> Engine:
     """Build the pool and compile the decode step (a 1-token warm-up in slot 0), then serve."""
-    logits, cache, s = gen.prefill(self.model, np.zeros((1, 1), np.int32),
-                                   seq_shards=self.shards)
+    logits, cache, lengths = gen.prefill(self.model, np.zeros((1, 1), np.int32),
+                                         seq_shards=self.shards)
     cfg = self.model.llm.cfg
     self.slots = jax.jit(functools.partial(
         decoding.empty_slots, cfg, self.max_batch, self.prompt_capacity, self.max_new_tokens,
         cache.k.dtype, mesh=self.mesh))()
-    self.slots, _ = self._insert(self.slots, np.int32(0), logits, cache, np.int32(s),
+    self.slots, _ = self._insert(self.slots, np.int32(0), logits, cache, lengths[0],
                                  jax.random.PRNGKey(0), np.float32(0), np.int32(0),
                                  np.float32(1))
     self.slots, nxt = self._step(self.state, self.slots, np.zeros(self.max_batch, bool))
@@ -251,8 +251,9 @@ class Engine:
     try:
       # max_new_tokens=1: `check` did the length test, and prefill's own generated-token
       # buffer (sized by it, a compile per size) is not used here.
-      logits, cache, s = gen.prefill(self.model, r.ids, r.pixels, seq_shards=self.shards,
-                                     max_new_tokens=1)
+      logits, cache, lengths = gen.prefill(self.model, r.ids, r.pixels, seq_shards=self.shards,
+                                           max_new_tokens=1)
+      s = int(lengths[0])
       self.slots, first = self._insert(
           self.slots, np.int32(slot), logits, cache, np.int32(s),
           jax.random.PRNGKey(r.seed), np.float32(r.temperature), np.int32(r.top_k),
