@@ -14,8 +14,9 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
+
+from tests import row_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
@@ -200,47 +201,17 @@ def test_two_processes_match_one(tmp_path):
     assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
 
 
-def _chain_manifest(root) -> str:
-  """16 samples of one 56-px image and a 50-word answer, 74 tokens each: a 128-token row holds
-  exactly one. Every process count then packs the same rows (process p reads samples p, p+P,
-  ...; stage 3 packs without resetting attention, so two samples sharing a row would see each
-  other), and the step's loss, a mean over the global batch, is the same."""
-  from PIL import Image
-  words = ["red", "blue", "green", "yellow", "orange", "purple", "circle", "square", "triangle"]
-  rng = np.random.default_rng(0)
-  os.makedirs(os.path.join(root, "media"))
-  path = os.path.join(root, "chain.jsonl")
-  with open(path, "w") as f:
-    for i in range(16):
-      pixels = rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)
-      Image.fromarray(pixels).save(os.path.join(root, "media", f"{i}.png"))
-      answer = " ".join(words[j] for j in rng.integers(0, len(words), 50))
-      f.write(json.dumps({"id": f"s{i}", "images": [f"media/{i}.png"], "messages": [
-          {"role": "user", "content": "<image>\nList the colours."},
-          {"role": "assistant", "content": answer}]}) + "\n")
-  return path
-
-
-def _assert_one_sample_per_row(manifest):
-  from configs import stage3
-  from vita_jax.data.pipeline import make_train_iterator
-  config = stage3.get_config("tiny")
-  config.data.update(manifest=manifest, seq_len=128, global_batch_size=4, tiles_per_batch=8)
-  batch = next(make_train_iterator(config, seq_shards=2))
-  assert batch["samples_read"] == 4 and (batch["segment_ids"] > 0).any(axis=1).all()
-
-
 @pytest.mark.slow
 def test_stage_chain_across_processes_matches_one_process(tmp_path):
   """Stage 2 on one process, then stage 3 from its workdir (`init_from`) with fsdp=4 x seq=2:
   as 2 processes x 4 devices (each restores only its own pieces of the sharded parameters)
-  the losses equal 1 process x 8 devices, and they are not those of a fresh start."""
-  manifest = _chain_manifest(str(tmp_path / "data"))
-  _assert_one_sample_per_row(manifest)
+  the losses equal 1 process x 8 devices, and they are not those of a fresh start. The data
+  packs one sample per row, so both runs see the same global batches (tests/row_data.py)."""
+  manifest = row_data.write_manifest(str(tmp_path / "data"))
+  row_data.assert_one_sample_per_row(manifest, rows=4)
   common = ["--config.train.log_every=1", "--config.train.checkpoint_every=1000",
             "--config.train.eval_every=0", "--config.train.peak_tflops_per_device=1",
-            f"--config.data.manifest={manifest}", "--config.data.seq_len=128",
-            "--config.data.global_batch_size=4", "--config.data.tiles_per_batch=8",
+            *(f"--config.data.{k}={v}" for k, v in row_data.data_overrides(manifest, 4).items()),
             "--config.model.llm.num_layers=1", "--config.model.vision.num_layers=1",
             "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.seq=2"]
   stage2 = tmp_path / "stage2"

@@ -1,5 +1,5 @@
-"""Two- and three-axis meshes of 8 devices train without a collective deadlock: in one process
-with the losses of one device (every triple and every axis pair), and across two processes.
+"""Two- and three-axis meshes of 8 devices train without a collective deadlock and with the
+losses of one device: in one process (every triple and every axis pair) and across two.
 
 XLA:CPU once stopped at its rendezvous timeout on fsdp=4 x seq=2 (see vita_jax/__init__.py for
 the thread-pool cause); these runs would hang and abort the worker if it came back.
@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 
 from configs import stage3
+from tests import row_data
 from vita_jax.train import train
 from vita_jax.training.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AXES = ("data", "fsdp", "seq", "tensor")
 STEPS = 3
+ROWS = 8
 
 
 def meshes_of_eight():
@@ -33,18 +35,26 @@ def meshes_of_eight():
   return out
 
 
-def _overrides() -> dict:
-  """A small, fast stage-3 tiny run: one decoder and one vision layer, 8 rows of 256 tokens
-  (every data x fsdp split of 8 devices divides the batch)."""
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+  """8 rows of one sample each (tests/row_data.py): every data x fsdp split of 8 devices
+  divides the batch, and any number of processes packs the same global batch."""
+  path = row_data.write_manifest(str(tmp_path_factory.mktemp("rows")))
+  row_data.assert_one_sample_per_row(path, ROWS)
+  return path
+
+
+def _overrides(manifest: str) -> dict:
+  """A small, fast stage-3 tiny run: one decoder and one vision layer, 8 rows of 128 tokens."""
   return {"train.steps": STEPS, "train.eval_every": 0, "train.log_every": 1,
           "train.checkpoint_every": 1000, "train.peak_tflops_per_device": 1.0,
-          "data.seq_len": 256, "data.global_batch_size": 8, "data.tiles_per_batch": 16,
+          **{f"data.{k}": v for k, v in row_data.data_overrides(manifest, ROWS).items()},
           "model.llm.num_layers": 1, "model.vision.num_layers": 1}
 
 
-def _config(mesh: dict):
+def _config(mesh: dict, manifest: str):
   config = stage3.get_config("tiny")
-  for key, value in _overrides().items():
+  for key, value in _overrides(manifest).items():
     section, name = key.split(".", 1)
     node = config[section]
     *parents, leaf = name.split(".")
@@ -77,9 +87,9 @@ def meshes_to_train():
 
 
 @pytest.fixture(scope="module")
-def one_device_losses(tmp_path_factory):
+def one_device_losses(tmp_path_factory, manifest):
   workdir = tmp_path_factory.mktemp("one")
-  train(_config({"data": 1}), str(workdir), devices=jax.devices()[:1])
+  train(_config({"data": 1}, manifest), str(workdir), devices=jax.devices()[:1])
   losses = _losses(workdir)
   assert len(losses) == STEPS and losses[-1] != losses[0]
   return losses
@@ -88,20 +98,22 @@ def one_device_losses(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", meshes_to_train(),
                          ids=lambda m: "_".join(f"{a}{s}" for a, s in m.items() if s > 1))
-def test_mesh_of_eight_devices_trains_like_one_device(mesh, one_device_losses, tmp_path):
-  train(_config(mesh), str(tmp_path))
+def test_mesh_of_eight_devices_trains_like_one_device(mesh, one_device_losses, manifest,
+                                                      tmp_path):
+  train(_config(mesh, manifest), str(tmp_path))
   np.testing.assert_allclose(_losses(tmp_path), one_device_losses, rtol=2e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", [{"data": 1, "fsdp": 4, "seq": 2, "tensor": 1},
-                                  {"data": 2, "fsdp": 2, "seq": 2, "tensor": 1}],
-                         ids=["fsdp4_seq2", "data2_fsdp2_seq2"])
-def test_two_processes_train_without_deadlock(mesh, tmp_path):
-  """launch/local.sh 2 4: two processes of four fake devices each run every step. (Each process
-  reads its own rows here, so the batches differ from a one-process run; tests/test_launch.py
-  compares losses where both processes feed the same rows.)"""
-  args = [f"--config.{k}={json.dumps(v)}" for k, v in _overrides().items()]
+                                  {"data": 2, "fsdp": 2, "seq": 2, "tensor": 1},
+                                  {"data": 1, "fsdp": 1, "seq": 2, "tensor": 4}],
+                         ids=["fsdp4_seq2", "data2_fsdp2_seq2", "seq2_tensor4"])
+def test_two_processes_train_like_one_device(mesh, one_device_losses, manifest, tmp_path):
+  """launch/local.sh 2 4: two processes of four fake devices each run every step, to the losses
+  of one device (each process packs its own rows, the same global batch: tests/row_data.py)."""
+  args = [f"--config.{k}={v if isinstance(v, str) else json.dumps(v)}"
+          for k, v in _overrides(manifest).items()]
   args += [f"--config.mesh.{a}={s}" for a, s in mesh.items()]
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_NPROC")}
   cmd = ["bash", os.path.join(ROOT, "launch", "local.sh"), "2", "4", "--", sys.executable, "-m",
@@ -109,5 +121,4 @@ def test_two_processes_train_without_deadlock(mesh, tmp_path):
          *args]
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  losses = _losses(tmp_path / "two")
-  assert len(losses) == STEPS and np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+  np.testing.assert_allclose(_losses(tmp_path / "two"), one_device_losses, rtol=2e-5)
