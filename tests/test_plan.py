@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from flax import nnx
 from configs import base
 from vita_jax import plan
 from vita_jax.cli import load_config_file
+from vita_jax.generate import bucket_length
 from vita_jax.models.vlm import LongVITA
 from vita_jax.parallel.mesh import make_mesh
 from vita_jax.training import memory_model, optim
@@ -154,3 +156,96 @@ def test_prediction_within_25_percent_of_xla(spec, shape, data):
   xla = plan.compiled_memory(config, shape)
   assert est.arguments == pytest.approx(xla["argument"], rel=0.01)
   assert est.peak == pytest.approx(xla["peak"], rel=0.25), (est.peak, xla)
+
+
+# Serving (--serve): vita_jax.generate's prefill on a generation mesh (seq x fsdp x tensor).
+
+# Qwen2.5-14B serving its full 1,048,576-token context: the longest prompt generate accepts with
+# 1,024 new tokens (prompt + new tokens <= max_position_embeddings), padded to a 1M bucket.
+PROMPT_1M, NEW_1M = 1_048_576 - 1024, 1024
+
+
+def _row(text: str, label: str) -> float:
+  """The GiB figure of the table row that starts with `label`."""
+  line = next(ln.strip() for ln in text.splitlines() if ln.strip().startswith(label))
+  return float(re.search(r"\d+\.\d{3}", line[len(label):]).group())
+
+
+def test_serve_estimate_of_14b_at_1m_tokens_is_the_arithmetic():
+  config = _config("configs/stage4.py")
+  serve = plan.serving(config, PROMPT_1M, NEW_1M)
+  t = config.model.llm
+  for seq, fsdp, tensor in ((8, 1, 1), (16, 2, 4), (32, 1, 8)):
+    est = serve.estimate(config, dict(seq=seq, fsdp=fsdp, tensor=tensor))
+    assert est.bucket == 1_048_576
+    # Weights in bf16 split over fsdp x tensor (norms and biases replicated: a rounding error).
+    assert est.weights["LLM"] == pytest.approx(14_770_033_664 * 2 / (fsdp * tensor), rel=0.01)
+    # K and V of 48 layers x 1M tokens x 8 KV heads x 128, bf16, split over seq only.
+    kv = 2 * t.num_layers * 1_048_576 * t.num_kv_heads * t.head_dim * 2 / seq
+    assert est.kv_cache["prompt K/V [layers, B, S/seq, Hkv, hd]"] == kv
+  # The planner pads prompts as generate does.
+  for n, shards in ((PROMPT_1M, 8), (5, 1), (4097, 4), (1_048_576, 128)):
+    assert memory_model.serve_bucket(n, shards) == bucket_length(n, shards)
+  # The KV cache halves with twice the sequence shards; the weights do not change.
+  a, b = (serve.estimate(config, dict(seq=s, tensor=4)) for s in (8, 16))
+  assert sum(a.kv_cache.values()) > 1.9 * sum(b.kv_cache.values())
+  assert a.weights == b.weights and a.total > b.total
+
+
+def test_serve_rejects_a_prompt_longer_than_the_model():
+  config = _config("configs/stage4.py")
+  with pytest.raises(plan.ConfigError, match="maximum length 1,048,576"):
+    plan.serving(config, 1_048_576, max_new_tokens=1)
+  assert plan.serving(config, None, 64).prompt_len == 1_048_576 - 64
+
+
+def test_cli_prints_the_14b_serving_table_for_a_1m_token_prompt():
+  out = subprocess.run([sys.executable, "-m", "vita_jax.plan", "--config=configs/stage4.py",
+                        "--serve", f"--prompt_len={PROMPT_1M}", f"--max_new_tokens={NEW_1M}",
+                        "--mesh=seq:16,fsdp:2,tensor:4", "--device=tpu-v5p"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  text = out.stdout
+  assert "Long-VITA 14b · serving 1 × 1,047,552-token prompt (bucket 1,048,576)" in text
+  assert "generation mesh seq=16 fsdp=2 tensor=4 (128 devices)" in text
+  gib = 1024 ** 3
+  assert _row(text, "LLM") == pytest.approx(14_770_033_664 * 2 / 8 / gib, rel=0.01)
+  assert _row(text, "prompt K/V") == pytest.approx(2 * 48 * 1_048_576 * 8 * 128 * 2 / 16 / gib,
+                                                   abs=0.001)
+  total = _row(text, "total")
+  assert total == pytest.approx(_row(text, "weights") + _row(text, "KV cache") +
+                                _row(text, "prefill activations") +
+                                _row(text, "prompt arrays"), abs=0.005)
+  assert ": fits (" in text and total < 95
+
+
+def test_cli_serving_search_names_the_smallest_generation_mesh():
+  out = subprocess.run([sys.executable, "-m", "vita_jax.plan", "--config=configs/stage4.py",
+                        "--serve", f"--prompt_len={PROMPT_1M}", f"--max_new_tokens={NEW_1M}",
+                        "--device=h100"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert "generation mesh seq=8 fsdp=1 tensor=1 (8 devices)" in out.stdout
+  config = _config("configs/stage4.py")
+  serve = plan.serving(config, PROMPT_1M, NEW_1M)
+  found = plan.best_serve_mesh(config, serve, 4, 80 * plan.GIB)
+  assert found is not None and not found[2]          # half the devices never fits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,shape,prompt_len,weights_dtype", [
+    ("configs/stage4.py:tiny", dict(seq=8), 8192, None),
+    ("configs/stage4.py:small", dict(seq=2, tensor=4), 4096, None),
+    ("configs/stage4.py:small", dict(seq=4, fsdp=2), 2048, None),
+    # bf16 weights, fp32 compute: prefill casts the stacked layers (CPU has no fast bf16 matmul,
+    # so bf16 compute would be upcast by XLA and measure the CPU rather than the model).
+    ("configs/stage4.py:small", dict(seq=2, fsdp=2, tensor=2), 4096, "bfloat16"),
+])
+def test_serve_prediction_within_25_percent_of_xla(spec, shape, prompt_len, weights_dtype):
+  config = _config(spec)
+  serve = plan.serving(config, prompt_len, 64, weights_dtype=weights_dtype)
+  shape = dict(dict(data=1, fsdp=1, seq=1, tensor=1), **shape)
+  est = serve.estimate(config, shape)
+  xla = plan.compiled_serve_memory(config, serve, shape)
+  assert est.prefill_arguments == pytest.approx(xla["argument"], rel=0.01)
+  assert est.prefill_outputs == pytest.approx(xla["output"], rel=0.01)
+  assert est.prefill_peak == pytest.approx(xla["peak"], rel=0.25), (est.prefill_peak, xla)

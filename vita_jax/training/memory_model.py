@@ -6,6 +6,9 @@ decoder / vision layer from the tensors the backward pass keeps under `model.rem
 largest short-lived buffers (one layer's recomputation, FSDP-gathered weights, attention tiles,
 the LM-head chunk). `vita_jax.plan --check` compares the result with XLA's own figures.
 
+`serve_estimate` does the same for serving a prompt with `vita_jax.generate`: the weights, the
+KV cache and one prefill layer's temporaries on a generation mesh (`plan --serve`).
+
 All sizes are bytes per device. Token counts per device: batch over data*fsdp, sequence over seq.
 """
 
@@ -242,3 +245,128 @@ def estimate(config: ml_collections.ConfigDict, mesh_shape: dict) -> Estimate:
   vision_phase["visual features"] = features
   llm_phase["visual features"] = features
   return Estimate(kept, vision_phase, llm_phase, arguments)
+
+
+# Serving: one prompt prefilled by `vita_jax.models.decoding.prefill_step` on the generation mesh
+# `vita_jax.generate` builds (data=1; the prompt and its KV cache over `seq`, the parameters over
+# `fsdp` and `tensor` by their logical axes), then decoded token by token against that cache.
+
+
+def serve_bucket(prompt_len: int, seq: int) -> int:
+  """The padded prompt length prefill compiles for (`vita_jax.generate.bucket_length`)."""
+  unit = 2 * seq
+  return unit * (1 << max(0, math.ceil(math.log2(max(1, -(-prompt_len // unit))))))
+
+
+def new_token_slots(max_new_tokens: int) -> int:
+  """Rows of the replicated generated-token K/V buffer (`new_len` in vita_jax.generate)."""
+  return max(16, 1 << math.ceil(math.log2(max(1, max_new_tokens))))
+
+
+@dataclasses.dataclass
+class ServeEstimate:
+  """Bytes per device of serving one prompt batch; the peak is during prefill, when the weights,
+  the prompt arrays, the cache being written and one layer's temporaries are live at once."""
+  weights: dict[str, float]
+  kv_cache: dict[str, float]
+  activations: dict[str, float]
+  inputs: float                    # the prompt arrays prefill reads (ids, context index, ...)
+  logits: float                    # fp32 logits at the last prompt token
+  bucket: int                      # padded prompt length
+  tokens: int                      # prompt tokens per device
+
+  @property
+  def total(self) -> float:
+    return sum(self.weights.values()) + sum(self.kv_cache.values()) + \
+        sum(self.activations.values()) + self.inputs + self.logits
+
+  @property
+  def decode(self) -> float:
+    """What the decode loop holds besides one token's temporaries: weights and KV cache."""
+    return sum(self.weights.values()) + sum(self.kv_cache.values())
+
+  # What XLA reports for the compiled prefill_step (jit drops the unused vision tower weights).
+  @property
+  def prefill_arguments(self) -> float:
+    return self.weights["LLM"] + self.inputs
+
+  @property
+  def prefill_outputs(self) -> float:
+    return sum(self.kv_cache.values()) + self.logits
+
+  @property
+  def prefill_temp(self) -> float:
+    return sum(self.activations.values())
+
+  @property
+  def prefill_peak(self) -> float:
+    return self.prefill_arguments + self.prefill_outputs + self.prefill_temp
+
+
+def serve_estimate(model: ml_collections.ConfigDict, prompt_len: int, mesh_shape: dict, *,
+                   max_new_tokens: int = 1, batch: int = 1,
+                   weights_dtype: str | None = None) -> ServeEstimate:
+  """Per-device memory of `vita_jax.generate` serving `batch` prompts of `prompt_len` tokens on
+  the generation mesh `mesh_shape` (seq, fsdp, tensor; data is 1), with the weights held in
+  `weights_dtype` (default: the compute dtype, as `load_pretrained(dir, dtype=...)` loads them).
+
+  Text only: images add the vision tower's activations (run before prefill, in chunks) and the
+  projected features, which are not counted; the tower's weights are. Attention is counted for
+  the chunked kernel the ring runs (impl "jnp"; a fused Pallas kernel keeps its tiles on chip,
+  so the tile term overestimates it), or the [S, S] scores of a dense local kernel on a mesh
+  without seq sharding.
+  """
+  ms = {a: int(mesh_shape.get(a, 1)) for a in ("fsdp", "seq", "tensor")}
+  ms["data"] = 1
+  c = BYTES[model.compute_dtype]
+  w = BYTES[weights_dtype or model.compute_dtype]
+  t = model.llm
+  table = param_table(model)
+  local = {(p.module, p.name): local_elements(p.shape, p.axes, ms) for p in table}
+  llm_elems = sum(n for (mod, _), n in local.items() if mod == "llm")
+  layer_elems = sum(n for (mod, name), n in local.items() if mod == "llm" and "layers." in name)
+  weights = {"LLM": llm_elems * w,
+             "vision tower + projector": (sum(local.values()) - llm_elems) * w}
+
+  bucket = serve_bucket(prompt_len, ms["seq"])
+  b = _split(batch, ms, ("data", "fsdp"))
+  s = bucket // ms["seq"]
+  tok = b * s                                   # prompt tokens per device
+  hd, d, layers = t.head_dim, t.hidden_size, t.num_layers
+  f = _split(t.ffn_dim, ms, ("tensor",))
+  vocab = _split(t.vocab_size, ms, ("tensor",))
+  # The cache keeps every layer's K/V where the ring computed it: sharded over seq (and batch
+  # over fsdp where it divides), heads replicated. The generated tokens' buffer is replicated.
+  kv_cache = {
+      "prompt K/V [layers, B, S/seq, Hkv, hd]": 2 * layers * tok * t.num_kv_heads * hd * c,
+      "generated-token K/V buffer (replicated)":
+          2 * layers * batch * new_token_slots(max_new_tokens) * t.num_kv_heads * hd * c,
+      "cache positions + segment ids": 2 * tok * 4,
+  }
+  inputs = 4 * tok * 4 + batch * 4              # ids, context index, positions, segments, last
+  logits = b * vocab * 4
+
+  # Ring attention runs on KV-head groups: heads split over tensor only when the KV heads divide.
+  hkv_r = _split(t.num_kv_heads, ms, ("tensor",))
+  hq_r = hkv_r * (t.num_heads // t.num_kv_heads)
+  attn_cfg = model.get("attention", {})
+  cq = min(int(attn_cfg.get("q_chunk", 0) or 512), s)
+  ck = min(int(attn_cfg.get("kv_chunk", 0) or 512), s)
+  layer_weights = layer_elems / layers * c      # the scan's slice of one layer
+  residual = 2 * tok * d * c                    # the carried hidden state and its norm
+  # One layer of the prefill scan: the attention (the score and probability tiles of one
+  # q_chunk x kv_chunk step, the head-major queries and the fp32 running output, the K/V blocks
+  # travelling round the ring) or the MLP (gate, up and their product), whichever is larger.
+  attention = (2 * b * hq_r * cq * ck * 4 + 2 * tok * hq_r * hd * (c + 4) +
+               8 * tok * hkv_r * hd * c)
+  if ms["seq"] == 1 and attn_cfg.get("impl", "jnp") not in ("jnp", "pallas", "auto"):
+    attention = 3 * b * hq_r * s * s * 4 + 4 * tok * hq_r * hd * c   # dense local kernel
+  mlp = 3 * tok * f * c
+  activations = {"residual, norm, one layer's weights": residual + layer_weights,
+                 "attention (ring tiles, blocks, K/V)": attention if attention >= mlp else 0.0,
+                 "MLP (gate, up, product)": mlp if mlp > attention else 0.0}
+  if w != c:   # layer_params() casts the whole stacked decoder to the compute dtype
+    activations["layer weights in compute dtype"] = layer_elems * c
+  if ms["fsdp"] > 1 or w != c:  # select_logits gathers the head over fsdp (in compute dtype)
+    activations["LM head weight gathered / cast"] = d * vocab * c
+  return ServeEstimate(weights, kv_cache, activations, inputs, logits, bucket, tok)
