@@ -30,9 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(spec: str, **data):
+  """The config at `spec` with `data` overrides (config.data keys, or "section.key")."""
   config = load_config_file(spec)
   for key, value in data.items():
-    config.data[key] = value
+    section, _, name = key.rpartition(".")
+    config[section or "data"][name] = value
   return config
 
 
@@ -149,6 +151,12 @@ def test_cli_rejects_a_bad_mesh():
     ("configs/stage3.py:tiny", dict(data=1, fsdp=4, seq=2, tensor=1), {}),
     ("configs/stage1.py:small", dict(data=1, fsdp=2, seq=2, tensor=2),
      dict(seq_len=1024, tiles_per_batch=32)),
+    # No seq axis: each device runs the same tiled kernel, not dense scores.
+    ("configs/stage3.py:tiny", dict(data=1, fsdp=4, seq=1, tensor=1), {}),
+    ("configs/stage2.py:tiny", dict(data=2, fsdp=2, seq=1, tensor=2), dict(seq_len=2048)),
+    # Four q x kv tiles per ring step under a layer scan and remat (JAX once stored them all).
+    ("configs/stage4.py:tiny", dict(data=1, fsdp=1, seq=2, tensor=1),
+     {"seq_len": 8192, "model.remat": "full"}),
 ])
 def test_prediction_within_25_percent_of_xla(spec, shape, data):
   config = plan.with_mesh(_config(spec, **data), shape)

@@ -165,7 +165,7 @@ def format_table(config, shape, est: memory_model.Estimate, hbm_bytes: float,
       f"{d.global_batch_size} (grad_accum {t.grad_accum}) · trainable {'+'.join(t.trainable)} · "
       f"remat {m.remat} · {m.compute_dtype} compute",
       f"mesh {describe(shape)} · {tok:,} tokens/device · attention "
-      f"{memory_model.attention_kernel(shape)} · "
+      f"{memory_model.attention_kernel(shape, str(m.attention.get('impl', 'jnp')))} · "
       f"{memory_model.tile_budget(config)} tiles/micro-batch",
       "",
       f"  {'per-device memory':<44}{'GiB':>9}",

@@ -292,6 +292,12 @@ def _attention_core(qh, k, v, ids, cfg: _Config):
 
 
 def _core_fwd(qh, k, v, ids, cfg):
+  # Under a layer scan and grad, JAX hoists whatever depends only on the scan's constants out of
+  # the loop: the ids are such a constant, and every tile's mask (with the tile loops split
+  # around it) would be computed once and stored for all tiles, [q tiles, kv tiles, ..., cq, ck]
+  # - the S x S matrix the tiles exist to avoid. Tying the ids to the queries keeps the masks
+  # inside the tile loops, one tile at a time (tests/test_attention.py checks the memory).
+  qh, ids = lax.optimization_barrier((qh, ids))
   out, lse = _ring_forward(qh, (k, v), ids, cfg)
   return out, (qh, k, v, ids, out, lse)
 

@@ -96,9 +96,13 @@ def tokens_per_device(config: ml_collections.ConfigDict, mesh_shape: dict) -> in
                                                                 ("seq",))
 
 
-def attention_kernel(mesh_shape: dict) -> str:
-  """Which kernel `ops.attention.attention` runs: the ring when seq is sharded, else dense."""
-  return "ring" if mesh_shape.get("seq", 1) > 1 else "dense"
+def attention_kernel(mesh_shape: dict, impl: str = "jnp") -> str:
+  """Which kernel `ops.attention.attention` runs: the ring when seq is sharded; else the same
+  tiled block kernel on each device ("chunked", impl jnp / pallas / auto), or the [S, S] scores
+  of the dense, xla and cudnn kernels ("dense")."""
+  if mesh_shape.get("seq", 1) > 1:
+    return "ring"
+  return "dense" if impl in ("dense", "xla", "cudnn") else "chunked"
 
 
 @dataclasses.dataclass
@@ -178,7 +182,7 @@ def estimate(config: ml_collections.ConfigDict, mesh_shape: dict) -> Estimate:
   policy = model.remat if needs_backward else "none"
   saved_per_token = {"none": saved_none, "full": d * c,
                      "dots": 3 * d * c + (hq + 2 * hkv) * hd * c + 2 * f * c}[policy]
-  kernel = attention_kernel(ms)
+  kernel = attention_kernel(ms, str(model.attention.get("impl", "jnp")))
   dense_scores = b * hq * s * s
   layers = t.num_layers
   kept_llm = {}
@@ -194,11 +198,11 @@ def estimate(config: ml_collections.ConfigDict, mesh_shape: dict) -> Estimate:
     per_layer = layer_elems / layers
     fsdp_gather = 2 * per_layer * ms["fsdp"] * c + (per_layer * ms["fsdp"] * 4 if llm_grads else 0)
   recompute = tok * layer_all if (needs_backward and policy != "none") else 0.0
-  if kernel == "ring":
+  if kernel != "dense":
     cq = min(int(model.attention.q_chunk), s)
     ck = min(int(model.attention.kv_chunk), s)
     attn = 4 * tok * hkv * hd * c + (4 * tok * hkv * hd * 4 if needs_backward else 0)
-    attn += 5 * b * cq * hq * ck * 4       # scores, probabilities, dP, dS, mask in flight
+    attn += b * cq * hq * ck * (4 * 4 + 1)  # fp32 scores, probabilities, dP, dS; bool mask
   else:
     attn = 3 * dense_scores * 4
   chunk = min(int(train.lm_head_chunk), tok)
