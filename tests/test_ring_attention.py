@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vita_jax.ops.attention import attention, dot_product_attention
-from vita_jax.ops.attention_tiles import FULL, MASKED, SKIP, may_attend, tile_kind
+from vita_jax.ops.attention_tiles import FULL, MASKED, SKIP, may_attend, tile_kind, tile_kinds
 from vita_jax.ops.ring_attention import blockwise_attention, ring_attention
 from vita_jax.parallel import make_mesh
 from vita_jax.spec.zigzag import unzigzag, zigzag
@@ -159,6 +159,34 @@ def test_tile_kind_decision():
               ids([0, 1], [0, 1])) == FULL
   assert kind(ids([1, 1], [2, 2]), ids([4, 5], [4, 5]), ids([1, 1], [1, 1]),
               ids([0, 1], [0, 1])) == MASKED
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_tile_kinds_of_a_block_equal_tile_kind_tile_by_tile(causal):
+  """The vectorised kinds the tile loops read, against the per-tile rule, on packed, padded,
+  zigzagged ids (every kind occurs)."""
+  rng = np.random.default_rng(3)
+  seg = np.sort(rng.integers(1, 4, size=(2, 64)), axis=1).astype(np.int32)
+  seg[1, 40:] = 0                                                   # padding
+  seg[0] = 1
+  pos = np.zeros_like(seg)
+  for b in range(2):
+    for s_id in np.unique(seg[b]):
+      where = seg[b] == s_id
+      pos[b, where] = np.arange(where.sum())
+  for shards in (1, 4):
+    zseg, zpos = (np.asarray(zigzag(jnp.asarray(x), shards)) for x in (seg, pos))
+    for r, o in ((0, 0), (0, shards - 1), (shards - 1, 0)):
+      block = lambda x, n, w=64 // shards: jnp.asarray(x[:, n * w:(n + 1) * w])
+      q_ids = jnp.stack([block(zseg, r), block(zpos, r)])
+      kv_ids = jnp.stack([block(zseg, o), block(zpos, o)])
+      for cq, ck in ((4, 4), (8, 4), (16, 8)):
+        got = np.asarray(tile_kinds(q_ids, kv_ids, cq, ck, causal))
+        want = [[int(tile_kind(q_ids[0, :, i * cq:(i + 1) * cq], q_ids[1, :, i * cq:(i + 1) * cq],
+                               kv_ids[0, :, j * ck:(j + 1) * ck],
+                               kv_ids[1, :, j * ck:(j + 1) * ck], causal))
+                 for j in range(q_ids.shape[2] // ck)] for i in range(q_ids.shape[2] // cq)]
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("causal", [True, False])

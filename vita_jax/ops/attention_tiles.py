@@ -82,6 +82,37 @@ def tile_kind(q_seg, q_pos, kv_seg, kv_pos, causal: bool):
   return jnp.where(may_attend(q_seg, q_pos, kv_seg, kv_pos, causal), kind, SKIP)
 
 
+def tile_kinds(q_ids, kv_ids, q_chunk: int, kv_chunk: int, causal: bool):
+  """`tile_kind` of every (q tile, kv tile) pair of a block at once -> int32 [nq, nk].
+
+  q_ids [2, B, Sq] / kv_ids [2, B, Sk] = (segment ids, positions), tiles of q_chunk / kv_chunk
+  tokens. A few reductions over the whole block instead of several per tile inside the tile
+  loops (each a separate small op); equal to `tile_kind` tile by tile.
+  """
+  def stats(ids, chunk):                          # per (batch row, tile) -> [B, n]
+    seg, pos = (x.reshape(x.shape[0], -1, chunk) for x in ids)
+    valid = seg != 0
+    first = seg[..., 0]
+    return dict(lo=jnp.min(jnp.where(valid, seg, _INT_MAX), -1), hi=jnp.max(seg, -1),
+                one=jnp.all(seg == first[..., None], -1) & (first != 0), first=first,
+                pos_min=jnp.min(pos, -1), pos_max=jnp.max(pos, -1),
+                valid_pos_lo=jnp.min(jnp.where(valid, pos, _INT_MAX), -1),
+                valid_pos_hi=jnp.max(jnp.where(valid, pos, _INT_MIN), -1))
+
+  q, kv = stats(q_ids, q_chunk), stats(kv_ids, kv_chunk)
+  pair = lambda a, b: (a[:, :, None], b[:, None, :])           # [B, nq, 1], [B, 1, nk]
+  lo_q, lo_kv = (jnp.min(x["lo"], 0) for x in (q, kv))        # over the batch rows: [n]
+  hi_q, hi_kv = (jnp.max(x["hi"], 0) for x in (q, kv))
+  may = (lo_q[:, None] <= hi_kv[None]) & (lo_kv[None] <= hi_q[:, None])
+  a, b = pair(q["first"], kv["first"])
+  one_q, one_kv = pair(q["one"], kv["one"])
+  full = jnp.all(one_q & one_kv & (a == b), axis=0)
+  if causal:
+    may &= jnp.max(q["valid_pos_hi"], 0)[:, None] >= jnp.min(kv["valid_pos_lo"], 0)[None]
+    full &= jnp.min(q["pos_min"], 0)[:, None] >= jnp.max(kv["pos_max"], 0)[None]
+  return jnp.where(may, jnp.where(full, FULL, MASKED), SKIP).astype(jnp.int32)
+
+
 def _tile_mask(q_seg, q_pos, kv_seg, kv_pos, causal: bool, groups: int):
   """bool [B, 1, G*cq, ck] for head-major scores (the G query groups stacked along rows)."""
   mask = attention_mask(q_seg, q_pos, kv_seg, kv_pos, causal)[:, None]      # [B, 1, cq, ck]

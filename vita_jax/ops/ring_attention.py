@@ -41,7 +41,7 @@ from vita_jax.ops.attention_tiles import (
   merge_partials,
   tile_backward,
   tile_forward,
-  tile_kind,
+  tile_kinds,
 )
 from vita_jax.parallel.sharding import LOGICAL_RULES, logical_to_spec
 
@@ -97,6 +97,8 @@ def _block_forward(qh, q_ids, kv, kv_ids, state, cfg: _Config):
   tile = functools.partial(tile_forward, causal=cfg.causal, scale=cfg.scale,
                            groups=qh.shape[2])
 
+  kinds = tile_kinds(q_ids, kv_ids, cq, ck, cfg.causal)
+
   def q_step(i, state):
     q_i, qid_i = _rows(qh, i, cq), _cut(q_ids, 2, i, cq)
 
@@ -105,7 +107,7 @@ def _block_forward(qh, q_ids, kv, kv_ids, state, cfg: _Config):
       kid_j = _cut(kv_ids, 2, j, ck)
       ids = (qid_i[0], qid_i[1], kid_j[0], kid_j[1])
       compute = lambda masked, st: tile(q_i, k_j, v_j, ids, st, masked=masked)
-      return _switch(tile_kind(*ids, cfg.causal), compute, st)
+      return _switch(kinds[i, j], compute, st)
 
     st = _loop(kv[0].shape[2] // ck, kv_step, tuple(_rows(x, i, cq) for x in state), cfg)
     return tuple(_put_rows(x, t, i, cq) for x, t in zip(state, st))
@@ -120,6 +122,7 @@ def _block_backward(qh, q_ids, dout, lse, delta, kv, kv_ids, grads, cfg: _Config
   tile = functools.partial(tile_backward, causal=cfg.causal, scale=cfg.scale,
                            groups=qh.shape[2])
   k_t = jnp.swapaxes(kv[0], -1, -2)                                # [B, H, D, Sk]
+  kinds = tile_kinds(q_ids, kv_ids, cq, ck, cfg.causal)
 
   def kv_step(j, grads):
     k_j, v_j = (_cut(x, 2, j, ck) for x in kv)
@@ -140,7 +143,7 @@ def _block_backward(qh, q_ids, dout, lse, delta, kv, kv_ids, grads, cfg: _Config
       b, h, m, d = q_i.shape
       zeros = (jnp.zeros_like(q_i, jnp.float32, shape=(b, h, d, m)),
                jnp.zeros_like(v_j, jnp.float32), jnp.zeros_like(v_j, jnp.float32))
-      tq, tk, tv = _switch(tile_kind(*ids, cfg.causal), compute, zeros)
+      tq, tk, tv = _switch(kinds[i, j], compute, zeros)
       dq_t, dk, dv = acc
       tq = tq.reshape(*tq.shape[:2], tq.shape[2], -1, cq)          # [B, H, D, G, cq]
       dq_t = lax.dynamic_update_slice_in_dim(dq_t, _cut(dq_t, 4, i, cq) + tq, i * cq, axis=4)
@@ -295,9 +298,10 @@ def _core_fwd(qh, k, v, ids, cfg):
   # Under a layer scan and grad, JAX hoists whatever depends only on the scan's constants out of
   # the loop: the ids are such a constant, and every tile's mask (with the tile loops split
   # around it) would be computed once and stored for all tiles, [q tiles, kv tiles, ..., cq, ck]
-  # - the S x S matrix the tiles exist to avoid. Tying the ids to the queries keeps the masks
-  # inside the tile loops, one tile at a time (tests/test_attention.py checks the memory).
-  qh, ids = lax.optimization_barrier((qh, ids))
+  # - the S x S matrix the tiles exist to avoid. Tying the ids to one query element (a barrier
+  # XLA cannot see through) keeps the masks inside the tile loops, one tile at a time
+  # (tests/test_attention.py checks the memory); the tile kinds stay cheap (`tile_kinds`).
+  ids = lax.optimization_barrier((ids, qh[0, 0, 0, 0, :1]))[0]
   out, lse = _ring_forward(qh, (k, v), ids, cfg)
   return out, (qh, k, v, ids, out, lse)
 
