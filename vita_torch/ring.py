@@ -8,7 +8,8 @@ ids and positions that travel with K/V, so the layout never enters the attention
 Prefill (`ring_attention`): each step a rank attends its queries to the K/V block it holds while
 `batch_isend_irecv` passes that block on to rank+1; the per-block results are merged with their
 log-sum-exp in fp32 (`merge`). A block is computed by `block_attention`: FlexAttention (fused,
-compiled) on CUDA, fp32 einsum tiles elsewhere (`impl=` chooses).
+compiled) on CUDA, `torch_npu.npu_fusion_attention` tiles on Ascend NPUs, fp32 einsum tiles
+elsewhere (`impl=` chooses).
 
 Decode (`sharded_decode_attention`): each rank keeps the K/V of its own tokens; a new query is
 attended against every shard locally and the partial softmaxes are combined by an all-reduce of
@@ -98,24 +99,66 @@ def flex_lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scal
   return out.transpose(1, 2).float(), lse.transpose(1, 2).float()
 
 
+def npu_lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale=None,
+                      q_chunk: int = 1024, kv_chunk: int = 4096):
+  """`lse_attention` with every tile computed by Ascend's fused `torch_npu.npu_fusion_attention`
+  (BSND layout, GQA without repeating K/V, the tile's boolean mask with True = hidden):
+  (out fp32, lse fp32, natural log).
+
+  The kernel returns the row max and sum of the scaled scores ([B, Hq, Sq, 8], repeated), so the
+  tile's LSE is max + log(sum); tiles merge as in the eager path. A row that sees no key of a
+  tile gets out 0 and lse -inf here, whatever the kernel wrote for it (a fully hidden row is
+  not "nothing" to it). Only called on NPU tensors, where `torch_npu` is already imported.
+  """
+  import torch_npu  # noqa: F401  (present wherever an NPU tensor exists; see vita_torch.device)
+
+  b, sq, hq, d = q.shape
+  scale = d ** -0.5 if scale is None else scale
+  out = torch.zeros(b, sq, hq, d, dtype=torch.float32, device=q.device)
+  lse = torch.full((b, sq, hq), float("-inf"), device=q.device)
+  for qs in range(0, sq, q_chunk):
+    qe = min(sq, qs + q_chunk)
+    acc = None
+    for ks in range(0, k.shape[1], kv_chunk):
+      ke = min(k.shape[1], ks + kv_chunk)
+      mask = attention_mask(seg_q[:, qs:qe], pos_q[:, qs:qe], seg_k[:, ks:ke], pos_k[:, ks:ke],
+                            causal)                                  # [B, sq, sk] True = visible
+      if not bool(mask.any()):
+        continue
+      tile_out, row_max, row_sum = torch_npu.npu_fusion_attention(
+          q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], hq, "BSND", atten_mask=~mask[:, None],
+          scale=scale, keep_prob=1.0)[:3]
+      tile_lse = (row_max[..., 0] + torch.log(row_sum[..., 0])).float().transpose(1, 2)
+      seen = mask.any(-1)[..., None]                                 # [B, sq, 1]
+      part = (torch.where(seen[..., None], tile_out.float(), 0.0),
+              torch.where(seen, tile_lse, float("-inf")))
+      acc = part if acc is None else merge(*acc, *part)
+    if acc is not None:
+      out[:, qs:qe], lse[:, qs:qe] = acc
+  return out, lse
+
+
 @functools.cache
 def _compiled_flex():
   from torch.nn.attention.flex_attention import flex_attention
   return torch.compile(flex_attention, dynamic=False)
 
 
-ATTENTION_IMPLS = ("auto", "eager", "flex")
+ATTENTION_IMPLS = ("auto", "eager", "flex", "npu")
 
 
 def block_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale=None,
                     impl: str = "auto", q_chunk: int = 1024, kv_chunk: int = 4096):
   """q against one K/V block with its log-sum-exp, by `impl`: "eager" (`lse_attention`'s fp32
-  einsum tiles), "flex" (`flex_lse_attention`), "auto" (flex on CUDA, eager elsewhere; an NPU
-  fused kernel is not wired in yet)."""
+  einsum tiles), "flex" (`flex_lse_attention`), "npu" (`npu_lse_attention`, Ascend's fused
+  kernel per tile), "auto" (flex on CUDA, npu on NPU, eager elsewhere)."""
   if impl == "auto":
-    impl = "flex" if q.is_cuda else "eager"
+    impl = "flex" if q.is_cuda else "npu" if q.device.type == "npu" else "eager"
   if impl == "flex":
     return flex_lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, causal=causal, scale=scale)
+  if impl == "npu":
+    return npu_lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, causal=causal, scale=scale,
+                             q_chunk=q_chunk, kv_chunk=kv_chunk)
   if impl == "eager":
     return lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, causal=causal, scale=scale,
                          q_chunk=q_chunk, kv_chunk=kv_chunk)
