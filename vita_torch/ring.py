@@ -50,16 +50,12 @@ def _block_attention(q, k, v, mask, scale):
   return out.reshape(b, sq, hq, d), lse.permute(0, 3, 1, 2).reshape(b, sq, hq)
 
 
-def lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale=None,
-                  q_chunk: int = 1024, kv_chunk: int = 4096):
-  """Attention of q to one K/V block with its log-sum-exp: (out fp32, lse fp32).
-
-  Tiled over queries and keys (flash-attention style, merged by `merge`) so memory stays
-  O(q_chunk * kv_chunk) however long the shards are; tiles with nothing visible are skipped.
-  Rows that see no key get out 0 and lse -inf (they merge as "nothing").
-  """
+def _tiled(q, k, v, seg_q, pos_q, seg_k, pos_k, tile, *, causal, q_chunk, kv_chunk):
+  """(out fp32, lse fp32) of q against one K/V block, tile by tile: `tile(q, k, v, mask)` ->
+  (out, lse) of one (q tile, kv tile) pair, mask [B, sq, sk] True = visible; tiles with
+  nothing visible are skipped, the rest merged by `merge`. Rows that see no key get out 0 and
+  lse -inf (they merge as "nothing")."""
   b, sq, hq, d = q.shape
-  scale = d ** -0.5 if scale is None else scale
   out = torch.zeros(b, sq, hq, d, dtype=torch.float32, device=q.device)
   lse = torch.full((b, sq, hq), float("-inf"), device=q.device)
   for qs in range(0, sq, q_chunk):
@@ -71,11 +67,25 @@ def lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale=Non
                             causal)
       if not bool(mask.any()):
         continue
-      part = _block_attention(q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], mask, scale)
+      part = tile(q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], mask)
       acc = part if acc is None else merge(*acc, *part)
     if acc is not None:
       out[:, qs:qe], lse[:, qs:qe] = acc
   return out, lse
+
+
+def lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale=None,
+                  q_chunk: int = 1024, kv_chunk: int = 4096):
+  """Attention of q to one K/V block with its log-sum-exp: (out fp32, lse fp32).
+
+  Tiled over queries and keys (flash-attention style, merged by `merge`) so memory stays
+  O(q_chunk * kv_chunk) however long the shards are; tiles with nothing visible are skipped.
+  Rows that see no key get out 0 and lse -inf (they merge as "nothing").
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  tile = lambda q, k, v, mask: _block_attention(q, k, v, mask, scale)
+  return _tiled(q, k, v, seg_q, pos_q, seg_k, pos_k, tile, causal=causal, q_chunk=q_chunk,
+                kv_chunk=kv_chunk)
 
 
 def flex_lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale=None):
@@ -110,32 +120,19 @@ def npu_lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale
   tile gets out 0 and lse -inf here, whatever the kernel wrote for it (a fully hidden row is
   not "nothing" to it). Only called on NPU tensors, where `torch_npu` is already imported.
   """
-  import torch_npu  # noqa: F401  (present wherever an NPU tensor exists; see vita_torch.device)
+  import torch_npu  # present wherever an NPU tensor exists (see vita_torch.device)
 
-  b, sq, hq, d = q.shape
-  scale = d ** -0.5 if scale is None else scale
-  out = torch.zeros(b, sq, hq, d, dtype=torch.float32, device=q.device)
-  lse = torch.full((b, sq, hq), float("-inf"), device=q.device)
-  for qs in range(0, sq, q_chunk):
-    qe = min(sq, qs + q_chunk)
-    acc = None
-    for ks in range(0, k.shape[1], kv_chunk):
-      ke = min(k.shape[1], ks + kv_chunk)
-      mask = attention_mask(seg_q[:, qs:qe], pos_q[:, qs:qe], seg_k[:, ks:ke], pos_k[:, ks:ke],
-                            causal)                                  # [B, sq, sk] True = visible
-      if not bool(mask.any()):
-        continue
-      tile_out, row_max, row_sum = torch_npu.npu_fusion_attention(
-          q[:, qs:qe], k[:, ks:ke], v[:, ks:ke], hq, "BSND", atten_mask=~mask[:, None],
-          scale=scale, keep_prob=1.0)[:3]
-      tile_lse = (row_max[..., 0] + torch.log(row_sum[..., 0])).float().transpose(1, 2)
-      seen = mask.any(-1)[..., None]                                 # [B, sq, 1]
-      part = (torch.where(seen[..., None], tile_out.float(), 0.0),
-              torch.where(seen, tile_lse, float("-inf")))
-      acc = part if acc is None else merge(*acc, *part)
-    if acc is not None:
-      out[:, qs:qe], lse[:, qs:qe] = acc
-  return out, lse
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+  def tile(q, k, v, mask):
+    out, row_max, row_sum = torch_npu.npu_fusion_attention(
+        q, k, v, q.shape[2], "BSND", atten_mask=~mask[:, None], scale=scale, keep_prob=1.0)[:3]
+    lse = (row_max[..., 0] + torch.log(row_sum[..., 0])).float().transpose(1, 2)
+    seen = mask.any(-1)[..., None]                                   # [B, sq, 1]
+    return torch.where(seen[..., None], out.float(), 0.0), torch.where(seen, lse, float("-inf"))
+
+  return _tiled(q, k, v, seg_q, pos_q, seg_k, pos_k, tile, causal=causal, q_chunk=q_chunk,
+                kv_chunk=kv_chunk)
 
 
 @functools.cache
