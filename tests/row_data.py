@@ -1,9 +1,10 @@
 """A manifest whose samples each fill one packed row, for tests that compare runs across
 process counts.
 
-Every process packs its own rows from samples p, p+P, p+2P, ... of the shuffled stream, so
-runs with a different number of processes see the same global batch only when no two samples
-share a row (stage 3 packs without resetting attention: samples sharing a row see each other).
+Every process that feeds its own block of rows packs them from samples i, i+N, i+2N, ... of
+the shuffled stream (i its block, N the blocks: `DataShard`), so runs with a different number
+of processes see the same global batch only when no two samples share a row (stage 3 packs
+without resetting attention: samples sharing a row see each other).
 Each sample here is one 56-px image (one tile) and a 50-word answer, 74 tokens, so a 128-token
 row holds exactly one; a step's loss, a mean over the global batch, is then the same for any
 process count.

@@ -111,7 +111,8 @@ def test_mesh_of_eight_devices_trains_like_one_device(mesh, one_device_losses, m
                          ids=["fsdp4_seq2", "data2_fsdp2_seq2", "seq2_tensor4"])
 def test_two_processes_train_like_one_device(mesh, one_device_losses, manifest, tmp_path):
   """launch/local.sh 2 4: two processes of four fake devices each run every step, to the losses
-  of one device (each process packs its own rows, the same global batch: tests/row_data.py)."""
+  of one device. Where data x fsdp splits the rows across the processes each packs its own
+  (the same global batch: tests/row_data.py); with seq2 x tensor4 both feed the same rows."""
   args = [f"--config.{k}={v if isinstance(v, str) else json.dumps(v)}"
           for k, v in _overrides(manifest).items()]
   args += [f"--config.mesh.{a}={s}" for a, s in mesh.items()]

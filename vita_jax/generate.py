@@ -196,7 +196,8 @@ def prefill(model, input_ids, pixel_values=None, *, seq_shards: int = 1, max_new
   b, s = ids.shape
   max_length = max_length if max_length is not None else max_length_of(model)
   if max_length is not None and s + max_new_tokens > max_length:
-    row = f"the longest row of the prompt ({int(np.argmax(lengths))})" if b > 1 else "the prompt"
+    row = (f"the longest row of the prompt ({int(np.argmax(lengths))})"
+           if lengths.min() != lengths.max() else "the prompt")
     raise InputError(
         f"{row} has {s} tokens and max_new_tokens={max_new_tokens}, {s + max_new_tokens} "
         f"in all, more than the model's maximum length {max_length} "

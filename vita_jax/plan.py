@@ -412,8 +412,10 @@ def format_serve_table(config, serve: Serving, shape, est: memory_model.ServeEst
                        hbm_bytes: float) -> str:
   """The human-readable serving plan of one generation mesh."""
   m = config.model
-  attention = (f"ring attention over seq={shape['seq']}" if shape["seq"] > 1 else
-               "chunked attention (no seq sharding)")
+  kernel = memory_model.attention_kernel(shape, str(m.attention.get("impl", "jnp")))
+  attention = {"ring": f"ring attention over seq={shape['seq']}",
+               "chunked": "chunked attention (no seq sharding)",
+               "dense": "dense attention (no seq sharding)"}[kernel]
   lines = [
       f"Long-VITA {m.size} · serving {serve.batch} × {serve.prompt_len:,}-token prompt "
       f"(bucket {est.bucket:,}) + up to {serve.max_new_tokens:,} new tokens · weights "

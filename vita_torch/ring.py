@@ -125,6 +125,7 @@ def npu_lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale
   scale = q.shape[-1] ** -0.5 if scale is None else scale
 
   def tile(q, k, v, mask):
+    q, k, v = (x.contiguous() for x in (q, k, v))                 # tiles are strided views
     out, row_max, row_sum = torch_npu.npu_fusion_attention(
         q, k, v, q.shape[2], "BSND", atten_mask=~mask[:, None], scale=scale, keep_prob=1.0)[:3]
     lse = (row_max[..., 0] + torch.log(row_sum[..., 0])).float().transpose(1, 2)
@@ -148,9 +149,11 @@ def block_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, *, causal=True, scale=N
                     impl: str = "auto", q_chunk: int = 1024, kv_chunk: int = 4096):
   """q against one K/V block with its log-sum-exp, by `impl`: "eager" (`lse_attention`'s fp32
   einsum tiles), "flex" (`flex_lse_attention`), "npu" (`npu_lse_attention`, Ascend's fused
-  kernel per tile), "auto" (flex on CUDA, npu on NPU, eager elsewhere)."""
+  kernel per tile), "auto" (flex on CUDA, npu for half-precision NPU tensors, eager elsewhere)."""
   if impl == "auto":
-    impl = "flex" if q.is_cuda else "npu" if q.device.type == "npu" else "eager"
+    # fp32 on NPU stays on the fp32 eager tiles (the fused kernel is documented for fp16/bf16).
+    npu = q.device.type == "npu" and q.dtype != torch.float32
+    impl = "flex" if q.is_cuda else "npu" if npu else "eager"
   if impl == "flex":
     return flex_lse_attention(q, k, v, seg_q, pos_q, seg_k, pos_k, causal=causal, scale=scale)
   if impl == "npu":

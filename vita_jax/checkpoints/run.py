@@ -120,7 +120,7 @@ class Checkpointer:
         args = jax.tree.map(
             lambda meta, want: ocp.ArrayRestoreArgs(sharding=want[0], dtype=want[1],
                                                     global_shape=tuple(meta.shape)),
-            wanted, placed, is_leaf=lambda x: isinstance(x, tuple))
+            wanted, placed)
         return reader.restore(path, args=ocp.args.PyTreeRestore(
             wanted, restore_args=args, partial_restore=True))
       finally:

@@ -12,8 +12,8 @@ Inside a block, work is split into q_chunk x kv_chunk tiles (so a 32K local bloc
 32K x 32K score matrix). Each tile is skipped when the mask hides it entirely, computed without
 any mask when it hides nothing (one segment, keys all in the past: most tiles of a long causal
 sequence), and masked otherwise; decided from the tile's actual segment and position ranges
-(`attention_tiles.tile_kind`). With no ring axis the same kernel is the single-device attention
-(`blockwise_attention`).
+(`attention_tiles.tile_kinds`, all of a block's tiles at once). With no ring axis the same
+kernel is the single-device attention (`blockwise_attention`).
 
 Shapes: q [B, S, Hq, D], k/v [B, S, Hkv, D] with Hq a multiple of Hkv (GQA: query heads are
 grouped per KV head, K/V are never repeated); segment_ids/positions int32 [B, S]. Internally

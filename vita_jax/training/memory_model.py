@@ -363,7 +363,7 @@ def serve_estimate(model: ml_collections.ConfigDict, prompt_len: int, mesh_shape
   # travelling round the ring) or the MLP (gate, up and their product), whichever is larger.
   attention = (2 * b * hq_r * cq * ck * 4 + 2 * tok * hq_r * hd * (c + 4) +
                8 * tok * hkv_r * hd * c)
-  if ms["seq"] == 1 and attn_cfg.get("impl", "jnp") not in ("jnp", "pallas", "auto"):
+  if attention_kernel(ms, str(attn_cfg.get("impl", "jnp"))) == "dense":
     attention = 3 * b * hq_r * s * s * 4 + 4 * tok * hq_r * hd * c   # dense local kernel
   mlp = 3 * tok * f * c
   activations = {"residual, norm, one layer's weights": residual + layer_weights,
