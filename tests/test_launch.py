@@ -17,16 +17,15 @@ import time
 import pytest
 
 from tests import row_data
+from tests.multiprocess import launch_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 
 
 def run(args, env=None, timeout=120):
-  full_env = {**os.environ, **(env or {})}
-  full_env.pop("SLURM_JOB_ID", None)
-  return subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(args, cwd=ROOT, env=launch_env(**(env or {})), capture_output=True,
+                        text=True, timeout=timeout)
 
 
 def test_local_dry_run_prints_one_command_per_process():

@@ -17,6 +17,7 @@ import pytest
 
 from configs import stage3
 from tests import row_data
+from tests.multiprocess import launch_env
 from vita_jax.train import train
 from vita_jax.training.metrics import read_metrics
 
@@ -116,7 +117,7 @@ def test_two_processes_train_like_one_device(mesh, one_device_losses, manifest, 
   args = [f"--config.{k}={v if isinstance(v, str) else json.dumps(v)}"
           for k, v in _overrides(manifest).items()]
   args += [f"--config.mesh.{a}={s}" for a, s in mesh.items()]
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_NPROC")}
+  env = launch_env()
   cmd = ["bash", os.path.join(ROOT, "launch", "local.sh"), "2", "4", "--", sys.executable, "-m",
          "vita_jax.train", "--config=configs/stage3.py:tiny", f"--workdir={tmp_path / 'two'}",
          *args]

@@ -14,6 +14,8 @@ import time
 import psutil
 import pytest
 
+from tests.multiprocess import launch_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 ARGS = ["-m", "vita_jax.train", "--config=configs/stage3.py:tiny", f"--config.train.steps={STEPS}",
@@ -24,7 +26,7 @@ ARGS = ["-m", "vita_jax.train", "--config=configs/stage3.py:tiny", f"--config.tr
 
 
 def _launch(workdir) -> subprocess.Popen:
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_NPROC")}
+  env = launch_env()
   cmd = ["bash", os.path.join(ROOT, "launch", "local.sh"), "2", "4", "--", sys.executable, *ARGS,
          f"--workdir={workdir}"]
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import pickle
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 
 def _encode_data_state(state: Any) -> dict:
@@ -32,6 +34,30 @@ def _decode_data_state(blob: dict) -> Any:
   if "json" in blob:
     return blob["json"]
   return pickle.loads(base64.b64decode(blob["pickle"]))
+
+
+# Orbax splits every replicated shard among its replicas so that they share the writing; each
+# piece is cut by an eager slice compiled per device, shape and offset (hundreds of compiles on a
+# first save: ~7 s on a 2-core CPU for the tiny model replicated on 8 devices). Splitting pays for
+# large arrays only, so pieces under 1 MiB are written whole by one replica. The files are the
+# same either way.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _register_array_handler() -> None:
+  handler = ocp.type_handlers.ArrayHandler(
+      array_metadata_store=array_metadata_store.Store(),   # as orbax's default handler
+      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+  absl_logger = logging.getLogger("absl")   # orbax warns on every override; this one is ours
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl_logger.setLevel(level)
+
+
+_register_array_handler()
 
 
 class RestoreError(RuntimeError):
