@@ -313,8 +313,7 @@ NEEDLE_CURRICULUM = {8: 150, 16: 250, 24: 400, 32: 700}
 # A quarter of the curriculum puts up to 1,024 filler digits (one token each) between the video
 # and the question, so the distance from the needle to the question reaches past what 64- and
 # 128-frame videos need (6 tokens a frame: 384 and 768) while no training video exceeds 32
-# frames. (Up to 640, distances beyond 768 were rare and 128 frames scored 0.40 over 40 videos
-# per length; up to 1,024, 0.625, the shorter lengths unchanged within noise: docs/demo.md.)
+# frames; docs/demo.md measures what the filler length does at 128 frames.
 NEEDLE_FILLER_SHARE, NEEDLE_FILLER_WORDS = 0.25, 1024
 
 
